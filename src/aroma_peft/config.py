@@ -1,0 +1,168 @@
+"""AromaConfig: every hyperparameter of AROMA, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+RESET_MODES = ("prune", "zero", "none")
+
+TargetModules = Union[str, tuple[str, ...]]
+
+
+def _fail(name: str, value, allowed: str) -> None:
+    raise ValueError(f"AromaConfig.{name}={value!r} is invalid: expected {allowed}")
+
+
+def _as_name_tuple(name: str, value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    _fail(name, value, "a list of module-name suffixes (non-empty strings)")
+
+
+@dataclass(frozen=True)
+class AromaConfig:
+    """Hyperparameters of AROMA (paper §3, Algorithm 1).
+
+    Each adapted linear computes ``W0 x + bias + s * (B A) x`` with ``s = alpha / r`` as in LoRA
+    eq. (1); ``B A`` is the sum of the merged rank-``r`` components plus the live one.
+
+    Args:
+        target_modules: which linears to adapt: a list of name suffixes (PEFT semantics: the full
+            name equals the suffix or ends with ``"." + suffix``), a single string used as a regex
+            that must match the full module name, or ``"all-linear"`` (every ``nn.Linear``/``Conv1D``
+            except the output head).
+        exclude_modules: suffixes (or one regex string) removed from the match.
+        modules_to_save: suffixes of modules trained in full and saved with the adapter (a
+            classifier head, say). They are not AROMA components and never converge.
+        r: inner-space rank of each component (1 in the paper's AROMA; 8 for AROMA_{r=8}).
+        alpha: LoRA scaling numerator; the update is scaled by ``alpha / r``.
+        eps_in: inner tolerance of eq. (5).
+        check_interval: ΔT_in, the number of steps between two inner checks.
+        max_inner_steps: T_in, the most steps one inner loop may take.
+        eps_out: outer tolerance of eq. (6).
+        max_steps: T, the most optimizer steps of the whole run (None: set it on the controller).
+        warmup_steps: warmup of the first component.
+        restart_warmup_steps: warmup after each Merge & Reinit & Reset.
+        reset: optimizer reset after a merge: ``"prune"`` (zero a random ``prune_ratio`` of the
+            moments, the paper), ``"zero"`` (all of them) or ``"none"`` (ablation, Table 5).
+        prune_ratio: fraction of moments zeroed by ``"prune"`` (0.999 in the paper).
+        train_heads_after_convergence: when every adapted module has converged before T and
+            ``modules_to_save`` is not empty, keep training those heads alone until T instead of
+            stopping (see docs/algorithm.md).
+        seed: seeds every random choice of the controller (re-initializations, reset masks).
+    """
+
+    target_modules: TargetModules = "all-linear"
+    exclude_modules: TargetModules = ()
+    modules_to_save: tuple[str, ...] = ()
+    r: int = 1
+    alpha: float = 4.0
+    eps_in: float = 0.1
+    check_interval: int = 10
+    max_inner_steps: int = 200
+    eps_out: float = 5e-3
+    max_steps: int | None = None
+    warmup_steps: int = 100
+    restart_warmup_steps: int = 50
+    reset: str = "prune"
+    prune_ratio: float = 0.999
+    train_heads_after_convergence: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        tm = self.target_modules
+        if isinstance(tm, str):
+            if tm != "all-linear":
+                try:
+                    re.compile(tm)
+                except re.error as err:
+                    _fail("target_modules", tm, f"a valid regex, a list of suffixes or 'all-linear' ({err})")
+        else:
+            object.__setattr__(self, "target_modules", _as_name_tuple("target_modules", tm))
+            if not self.target_modules:
+                _fail("target_modules", tm, "at least one module-name suffix")
+        if not isinstance(self.exclude_modules, str):
+            object.__setattr__(self, "exclude_modules", _as_name_tuple("exclude_modules", self.exclude_modules))
+        object.__setattr__(self, "modules_to_save", _as_name_tuple("modules_to_save", self.modules_to_save))
+
+        def positive_int(name: str, value, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                _fail(name, value, "a positive integer" + (" or None" if allow_none else ""))
+
+        def nonneg_int(name: str, value) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(name, value, "an integer >= 0")
+
+        def positive_float(name: str, value) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                _fail(name, value, "a finite number > 0")
+
+        positive_int("r", self.r)
+        positive_float("alpha", self.alpha)
+        positive_float("eps_in", self.eps_in)
+        positive_float("eps_out", self.eps_out)
+        positive_int("check_interval", self.check_interval)
+        positive_int("max_inner_steps", self.max_inner_steps)
+        positive_int("max_steps", self.max_steps, allow_none=True)
+        nonneg_int("warmup_steps", self.warmup_steps)
+        nonneg_int("restart_warmup_steps", self.restart_warmup_steps)
+        nonneg_int("seed", self.seed)
+        if self.max_inner_steps < self.check_interval:
+            _fail("max_inner_steps", self.max_inner_steps,
+                  f"at least check_interval={self.check_interval}, or no inner check could ever run")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            _fail("warmup_steps", self.warmup_steps, f"fewer than max_steps={self.max_steps}")
+        if self.reset not in RESET_MODES:
+            _fail("reset", self.reset, f"one of {RESET_MODES}")
+        if isinstance(self.prune_ratio, bool) or not isinstance(self.prune_ratio, (int, float)) \
+                or not 0.0 < self.prune_ratio <= 1.0:
+            _fail("prune_ratio", self.prune_ratio, "a number in (0, 1]")
+        if not isinstance(self.train_heads_after_convergence, bool):
+            _fail("train_heads_after_convergence", self.train_heads_after_convergence, "True or False")
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r, the factor applied to every component's B A."""
+        return self.alpha / self.r
+
+    def replace(self, **changes) -> "AromaConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AromaConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"AromaConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AromaConfig":
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of AromaConfig fields")
+        return cls.from_dict(d)

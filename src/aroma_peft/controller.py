@@ -1,0 +1,172 @@
+"""AromaController: carries out Algorithm 1's decisions on the model, the optimizer and the schedule.
+
+Plain PyTorch loop::
+
+    model = get_aroma_model(base, AromaConfig(target_modules=["query", "value"], max_steps=3000))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    controller = AromaController(model, optimizer)
+    for batch in loader:
+        model(**batch).loss.backward()
+        optimizer.step(); controller.scheduler.step(); optimizer.zero_grad()
+        if controller.step():          # Check & Merge & Reinit & Reset, after the optimizer step
+            break
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dual_loop import Decision, DualLoop
+from .layer import derived_seed
+from .model import AromaModel
+from .reset import drop_optimizer_state, reset_optimizer_state
+from .schedule import AromaLRSchedule, lr_factor
+
+
+class AromaController:
+    """Drives the dual loop of ``model``'s AROMA layers.
+
+    Args:
+        model: the ``AromaModel`` (unwrapped: not the DDP/FSDP wrapper).
+        optimizer: the optimizer holding the live factors; needed for the Reset and the schedule.
+            It may also be attached later with ``attach_optimizer`` (the Trainer callback does).
+        max_steps: T, when ``model.aroma_config.max_steps`` is None.
+    """
+
+    def __init__(self, model: AromaModel, optimizer: torch.optim.Optimizer | None = None, max_steps: int | None = None):
+        if not isinstance(model, AromaModel):
+            raise TypeError(f"AromaController needs the AromaModel from get_aroma_model, got {type(model).__name__}")
+        self.model = model
+        self.config = config = model.aroma_config
+        self.max_steps = max_steps if max_steps is not None else config.max_steps
+        if self.max_steps is None:
+            raise ValueError("AromaConfig.max_steps (T) is None: set it in the config or pass max_steps=")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps <= config.warmup_steps:
+            raise ValueError(f"max_steps={self.max_steps!r} is invalid: expected an integer > warmup_steps={config.warmup_steps}")
+        self.names = list(model.aroma_layers)
+        self.layers = list(model.aroma_layers.values())
+        heads_remain = bool(model.modules_to_save_names) and config.train_heads_after_convergence
+        self.loop = DualLoop(len(self.layers), eps_in=config.eps_in, check_interval=config.check_interval,
+                             max_inner_steps=config.max_inner_steps, eps_out=config.eps_out,
+                             max_steps=self.max_steps, stop_when_converged=not heads_remain)
+        self.history: list[dict] = []
+        self.optimizer = None
+        self.scheduler = None
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
+        self._record()
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, scheduler: AromaLRSchedule | None = None) -> AromaLRSchedule:
+        """Use ``optimizer`` for Resets; create (or adopt) the schedule that drives its learning rate."""
+        self.optimizer = optimizer
+        self.scheduler = scheduler if scheduler is not None else AromaLRSchedule(optimizer, self)
+        return self.scheduler
+
+    # ------------------------------------------------------------------ the step
+    @property
+    def finished(self) -> bool:
+        return self.loop.finished
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate after ``step`` optimizer steps."""
+        c = self.config
+        return lr_factor(step, max_steps=self.max_steps, warmup_steps=c.warmup_steps,
+                         restart_step=self.loop.restart_step, restart_warmup_steps=c.restart_warmup_steps)
+
+    def step(self) -> bool:
+        """Call once after every ``optimizer.step()``. Returns True when training is finished."""
+        decision = self.loop.step(self._norms, self._ratios)
+        self._apply(decision)
+        return decision.finished
+
+    def _stacked(self, values: list[torch.Tensor]) -> list[float]:
+        # One host synchronization for all modules, and only at check steps.
+        if not values:
+            return []
+        return torch.stack([v.to(values[0].device) for v in values]).tolist()
+
+    def _norms(self, indices: list[int]) -> list[float]:
+        return self._stacked([self.layers[i].live_norm() for i in indices])
+
+    def _ratios(self, indices: list[int]) -> list[float]:
+        return self._stacked([self.layers[i].outer_ratio() for i in indices])
+
+    def _apply(self, d: Decision) -> None:
+        """Carry out a decision after the optimizer step, before the next forward."""
+        for i in d.converged:
+            layer = self.layers[i]
+            layer.drop_live()
+            if self.optimizer is not None:
+                drop_optimizer_state(self.optimizer, [layer.lora_A, layer.lora_B])
+        for i in d.merged:
+            layer = self.layers[i]
+            layer.merge_live()
+            layer.reinit_live()
+            if self.optimizer is not None:
+                reset_optimizer_state(self.optimizer, [layer.lora_A, layer.lora_B], mode=self.config.reset,
+                                      prune_ratio=self.config.prune_ratio,
+                                      seed=derived_seed(self.config.seed, i, layer.num_merged, 1))
+        kept = set(d.kept_at_max_steps)
+        for i in d.stopped_at_max_steps:
+            layer = self.layers[i]
+            if i in kept:
+                layer.merge_live()
+            layer.drop_live()
+            if self.optimizer is not None:
+                drop_optimizer_state(self.optimizer, [layer.lora_A, layer.lora_B])
+        if d.merged and self.scheduler is not None:
+            self.scheduler.refresh()
+        if d.changed:
+            self._record()
+
+    # ------------------------------------------------------------------ introspection
+    def _record(self) -> None:
+        trainable, _ = self.model.get_nb_trainable_parameters()
+        ranks = [layer.rank for layer in self.layers]
+        self.history.append({
+            "step": self.loop.step_count,
+            "trainable_params": trainable,
+            "total_rank": sum(ranks),
+            "ranks": ranks,
+            "active_modules": len(self.loop.active()),
+        })
+
+    def summary(self) -> list[dict]:
+        """One row per module: name, rank, converged, stopped at T, steps trained, last eq. (6) ratio."""
+        rows = []
+        for name, layer, m in zip(self.names, self.layers, self.loop.modules):
+            rows.append({
+                "module": name,
+                "rank": layer.rank,
+                "converged": m.converged,
+                "stopped_at_max_steps": m.stopped,
+                "steps": m.finished_at if m.finished_at is not None else self.loop.step_count,
+                "last_ratio": m.last_ratio,
+            })
+        return rows
+
+    def print_summary(self) -> None:
+        print(f"{'module':<60} {'rank':>4} {'state':>9} {'steps':>6} {'eq6 ratio':>10}")
+        for row in self.summary():
+            state = "converged" if row["converged"] else "stopped@T" if row["stopped_at_max_steps"] else "training"
+            ratio = "-" if row["last_ratio"] is None else f"{row['last_ratio']:.2e}"
+            print(f"{row['module']:<60} {row['rank']:>4} {state:>9} {row['steps']:>6} {ratio:>10}")
+
+    # ------------------------------------------------------------------ serialization
+    def state_dict(self) -> dict:
+        """JSON-serializable state: the dual loop, T, the module names and the history."""
+        return {"loop": self.loop.state_dict(), "max_steps": self.max_steps, "modules": self.names,
+                "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a saved state; the model's layers must already hold the matching adapter."""
+        if state.get("modules") != self.names:
+            raise ValueError("controller state was saved for other modules than this model's AROMA layers")
+        self.max_steps = int(state["max_steps"])
+        self.loop.max_steps = self.max_steps
+        self.loop.load_state_dict(state["loop"])
+        self.history = list(state["history"])
+        for layer, m in zip(self.layers, self.loop.modules):
+            layer.set_active(m.active)
+        if self.scheduler is not None:
+            self.scheduler.refresh()

@@ -1,0 +1,221 @@
+"""Adapter files: save/load (safetensors + JSON, no pickle) and export to a standard PEFT LoRA adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import AromaConfig
+
+ADAPTER_WEIGHTS = "aroma_adapter.safetensors"
+ADAPTER_META = "aroma_adapter.json"
+CONTROLLER_STATE = "aroma_controller.json"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, allow_nan=False)))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: adapter weights not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return obj
+
+
+# ---------------------------------------------------------------------- native format
+def save_adapter(model, directory: str | Path, controller=None) -> None:
+    """Write ``aroma_adapter.safetensors``, ``aroma_adapter.json`` (last, with the weights' sha256)
+    and, given a controller, ``aroma_controller.json``."""
+    directory = Path(directory)
+    tensors, modules = {}, {}
+    for name, layer in model.aroma_layers.items():
+        tensors[f"{name}.lora_A"] = layer.lora_A.detach()
+        tensors[f"{name}.lora_B"] = layer.lora_B.detach()
+        tensors[f"{name}.merged_A"] = layer.merged_A
+        tensors[f"{name}.merged_B"] = layer.merged_B
+        modules[name] = {"rank": layer.rank, "active": layer.active}
+    for key, value in model.modules_to_save_state().items():
+        tensors[f"modules_to_save.{key}"] = value
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    weights = directory / ADAPTER_WEIGHTS
+    atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    if controller is not None:
+        write_json(directory / CONTROLLER_STATE, controller.state_dict())
+    write_json(directory / ADAPTER_META, {
+        "format_version": FORMAT_VERSION,
+        "config": model.aroma_config.to_dict(),
+        "modules": modules,
+        "modules_to_save": model.modules_to_save_names,
+        "weights_sha256": _sha256(weights),
+    })
+
+
+def _expect(tensors: dict, key: str, shape: tuple, path: Path) -> torch.Tensor:
+    if key not in tensors:
+        raise ValueError(f"{path}: tensor {key!r} is missing")
+    t = tensors[key]
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, this model needs {tuple(shape)}")
+    return t
+
+
+def load_adapter(model, directory: str | Path):
+    """Wrap ``model`` (the original base) and load an adapter written by ``save_adapter``."""
+    from .model import AromaModel
+
+    directory = Path(directory)
+    meta_path, weights_path = directory / ADAPTER_META, directory / ADAPTER_WEIGHTS
+    meta = _read_json(meta_path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    try:
+        config = AromaConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{meta_path}: bad 'config': {err}") from None
+    tensors = _read_safetensors(weights_path)
+    if meta.get("weights_sha256") != _sha256(weights_path):
+        raise ValueError(f"{weights_path}: content does not match the sha256 recorded in {meta_path} "
+                         "(the file was changed or only partly written)")
+    aroma = AromaModel(model, config)
+    layers = aroma.aroma_layers
+    if set(layers) != set(meta["modules"]):
+        missing = sorted(set(meta["modules"]) - set(layers))
+        extra = sorted(set(layers) - set(meta["modules"]))
+        raise ValueError(f"{meta_path}: adapter modules do not match the model (in the file only: {missing[:5]}, "
+                         f"in the model only: {extra[:5]})")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            rank = int(meta["modules"][name]["rank"])
+            layer.lora_A.copy_(_expect(tensors, f"{name}.lora_A", layer.lora_A.shape, weights_path))
+            layer.lora_B.copy_(_expect(tensors, f"{name}.lora_B", layer.lora_B.shape, weights_path))
+            merged_a = _expect(tensors, f"{name}.merged_A", (rank, layer.in_features), weights_path)
+            merged_b = _expect(tensors, f"{name}.merged_B", (layer.out_features, rank), weights_path)
+            if rank:
+                layer.append_merged(merged_b, merged_a)
+            layer.set_active(bool(meta["modules"][name]["active"]))
+        for key, param in aroma.modules_to_save_state().items():
+            param.copy_(_expect(tensors, f"modules_to_save.{key}", param.shape, weights_path))
+    return aroma
+
+
+def load_controller_state(directory: str | Path) -> dict:
+    """The controller state saved beside an adapter (pass it to ``AromaController.load_state_dict``)."""
+    return _read_json(Path(directory) / CONTROLLER_STATE)
+
+
+# ---------------------------------------------------------------------- PEFT LoRA export
+def lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of the layer's whole update, merged components then the live one (if active)."""
+    a, b = layer.merged_A, layer.merged_B
+    if layer.active:
+        a = torch.cat([a, layer.lora_A.detach()], dim=0)
+        b = torch.cat([b, layer.lora_B.detach()], dim=1)
+    return a, b
+
+
+def export_lora(model, directory: str | Path) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's LoRA format.
+
+    Each module gets its own rank (``rank_pattern``) and ``lora_alpha = s * rank``
+    (``alpha_pattern``), so PEFT's scaling ``lora_alpha / rank`` equals AROMA's ``s`` and the
+    exported model computes exactly ``W0 x + s B A x``. Modules of rank 0 are left out.
+    The files are read back and checked before returning.
+    """
+    from peft import LoraConfig
+
+    directory = Path(directory)
+    tensors, rank_pattern, alpha_pattern, targets, fan_in_fan_out = {}, {}, {}, [], False
+    for name, layer in model.aroma_layers.items():
+        a, b = lora_factors(layer)
+        if a.shape[0] == 0:
+            continue
+        targets.append(name)
+        rank_pattern[re.escape(name)] = a.shape[0]
+        alpha_pattern[re.escape(name)] = layer.scaling * a.shape[0]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+        fan_in_fan_out |= layer.is_conv1d
+    if not targets:
+        raise ValueError("export_lora: every adapted module has rank 0 (all converged at their first "
+                         "component); there is no LoRA update to export")
+    for key, value in model.modules_to_save_state().items():
+        tensors[f"base_model.model.{key}"] = value
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    base_config = getattr(model.base_model, "config", None)
+    lora_config = LoraConfig(
+        r=max(rank_pattern.values()),
+        lora_alpha=max(alpha_pattern.values()),
+        target_modules=targets,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=fan_in_fan_out,
+        modules_to_save=list(model.modules_to_save_names) or None,
+        base_model_name_or_path=getattr(base_config, "_name_or_path", None) or None,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_json(directory / "adapter_config.json", lora_config.to_dict() | {"peft_type": "LORA"})
+    _check_export(directory, tensors, rank_pattern, alpha_pattern)
+
+
+def _check_export(directory: Path, tensors: dict, rank_pattern: dict, alpha_pattern: dict) -> None:
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
+    reread = _read_safetensors(directory / "adapter_model.safetensors")
+    for key, value in tensors.items():
+        if key not in reread or not torch.equal(reread[key], value):
+            raise RuntimeError(f"{directory}: exported tensor {key!r} did not read back identically")
+    config = LoraConfig.from_pretrained(str(directory))
+    for key, rank in rank_pattern.items():
+        name = re.sub(r"\\(.)", r"\1", key)
+        if get_pattern_key(config.rank_pattern.keys(), name) != key or config.rank_pattern[key] != rank \
+                or config.alpha_pattern[key] / rank != alpha_pattern[key] / rank:
+            raise RuntimeError(f"{directory}: PEFT resolves the rank or alpha of {name!r} differently than exported")

@@ -1,0 +1,185 @@
+"""AromaLinear: a frozen linear plus merged rank-r components plus one live rank-r component."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style Conv1D: y = x @ W + b with W of shape (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+SUPPORTED_BASE_LAYERS = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed that is a fixed function of integers (same on every process, every run)."""
+    h = 1469598103934665603
+    for part in parts:
+        h = ((h ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) % (1 << 64)
+    return h % (1 << 63)
+
+
+class AromaLinear(nn.Module):
+    """``W0 x + bias + s (B_{p-1} A_{p-1}) x + s (b_p a_p) x`` with ``s = alpha / r`` (paper eq. 4).
+
+    The live factors ``lora_A`` (r x in) and ``lora_B`` (out x r) are the only parameters this
+    layer adds; they are created once and re-initialized in place at every Merge & Reinit, so
+    optimizers, DDP and checkpoints keep the same Parameter objects.
+
+    Merged components are kept exactly, in fp32, in the buffers ``merged_A`` (k x in) and
+    ``merged_B`` (out x k). When the base weight is fp32 they are also folded into it at merge
+    time, so they cost nothing per step; a bf16/fp16 base weight is never modified (a small
+    update would be rounded away) and the merged factors are applied as a side path instead.
+
+    Example:
+        >>> layer = AromaLinear(nn.Linear(16, 8), r=1, alpha=4.0, seed=0)
+        >>> layer(torch.randn(2, 16)).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, seed: int = 0, index: int = 0):
+        super().__init__()
+        if not isinstance(base_layer, SUPPORTED_BASE_LAYERS):
+            raise TypeError(f"AromaLinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.is_conv1d = not isinstance(base_layer, nn.Linear)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.is_conv1d else (w.shape[1], w.shape[0])
+        self.r = r
+        self.scaling = alpha / r
+        self.seed = seed
+        self.index = index
+        self.fold_merged = w.dtype == torch.float32
+        self.active = True  # False once converged (or stopped at T): the live factors are frozen and unused
+        dev = w.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
+        self.register_buffer("merged_A", torch.zeros(0, self.in_features, device=dev, dtype=torch.float32))
+        self.register_buffer("merged_B", torch.zeros(self.out_features, 0, device=dev, dtype=torch.float32))
+        self.reinit_live()
+
+    # ---------------------------------------------------------------- state
+    @property
+    def num_merged(self) -> int:
+        """Number of merged rank-r components (p - 1 while training)."""
+        return self.merged_A.shape[0] // self.r
+
+    @property
+    def rank(self) -> int:
+        """Rank of the merged update (components x r): what export and the figures report."""
+        return self.merged_A.shape[0]
+
+    def set_active(self, active: bool) -> None:
+        self.active = active
+        self.lora_A.requires_grad_(active)
+        self.lora_B.requires_grad_(active)
+        if not active:
+            self.lora_A.grad = None
+            self.lora_B.grad = None
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.rank and not self.fold_merged:
+            out = out + self.scaling * F.linear(F.linear(x.to(torch.float32), self.merged_A), self.merged_B).to(out.dtype)
+        if self.active:
+            out = out + self.scaling * F.linear(F.linear(x.to(torch.float32), self.lora_A), self.lora_B).to(out.dtype)
+        return out
+
+    # ---------------------------------------------------------------- the quantities of eqs. (5) and (6)
+    def live_norm(self) -> torch.Tensor:
+        """||B_live A_live||_F from the factors: sqrt(<B^T B, A A^T>), no out x in product (eq. 5)."""
+        a, b = self.lora_A.detach(), self.lora_B.detach()
+        return torch.sum((b.T @ b) * (a @ a.T)).clamp_min(0).sqrt()
+
+    def _delta_in_weight_layout(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        delta = b @ a  # (out, in)
+        return delta.T if self.is_conv1d else delta
+
+    def merged_weight_norm(self) -> torch.Tensor:
+        """||W0 + s B_{p-1} A_{p-1}||_F in fp32: the denominator of eq. (6)."""
+        w = self.base_layer.weight.detach().to(torch.float32)
+        if self.rank and not self.fold_merged:
+            w = w + self.scaling * self._delta_in_weight_layout(self.merged_B, self.merged_A)
+        return torch.linalg.vector_norm(w)
+
+    def outer_ratio(self) -> torch.Tensor:
+        """||s b_p a_p||_F / ||W0 + s B_{p-1} A_{p-1}||_F, the left side of eq. (6)."""
+        return self.scaling * self.live_norm() / self.merged_weight_norm()
+
+    # ---------------------------------------------------------------- Merge & Reinit
+    @torch.no_grad()
+    def reinit_live(self) -> None:
+        """a <- Kaiming uniform (as PEFT's LoRA A), b <- 0; seeded by (seed, module index, component)."""
+        g = torch.Generator().manual_seed(derived_seed(self.seed, self.index, self.num_merged, 0))
+        a = torch.empty(self.lora_A.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+        self.lora_A.copy_(a)
+        self.lora_B.zero_()
+
+    @torch.no_grad()
+    def append_merged(self, b: torch.Tensor, a: torch.Tensor) -> None:
+        """Add the component s*b@a to the merged update (folding it into W0 when fp32)."""
+        b = b.to(device=self.merged_B.device, dtype=torch.float32)
+        a = a.to(device=self.merged_A.device, dtype=torch.float32)
+        self.merged_A = torch.cat([self.merged_A, a], dim=0)
+        self.merged_B = torch.cat([self.merged_B, b], dim=1)
+        if self.fold_merged:
+            self.base_layer.weight.add_(self._delta_in_weight_layout(b, a), alpha=self.scaling)
+
+    @torch.no_grad()
+    def merge_live(self) -> None:
+        """Merge the live component into the merged update; the live factors are left as they are."""
+        self.append_merged(self.lora_B.detach().clone(), self.lora_A.detach().clone())
+
+    @torch.no_grad()
+    def drop_live(self) -> None:
+        """Discard the live component (converged module, paper §3.1) and freeze the factors."""
+        self.lora_B.zero_()
+        self.set_active(False)
+
+    # ---------------------------------------------------------------- whole-weight views
+    def _delta(self, merged: bool, live: bool) -> torch.Tensor:
+        delta = torch.zeros_like(self.base_layer.weight, dtype=torch.float32)
+        if merged and self.rank:
+            delta += self._delta_in_weight_layout(self.merged_B, self.merged_A)
+        if live and self.active:
+            delta += self._delta_in_weight_layout(self.lora_B.detach(), self.lora_A.detach())
+        return self.scaling * delta
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """s * (B A) in fp32 in the base weight's layout: merged plus live (if active)."""
+        return self._delta(merged=True, live=True)
+
+    @torch.no_grad()
+    def merged_base_layer(self) -> nn.Module:
+        """The base layer with W0 + s B A written into its weight (what merge_and_unload returns)."""
+        w = self.base_layer.weight
+        w.copy_((w.to(torch.float32) + self._delta(merged=not self.fold_merged, live=True)).to(w.dtype))
+        return self.base_layer
+
+    @torch.no_grad()
+    def original_base_layer(self) -> nn.Module:
+        """The base layer with the folded components taken out again (W0, up to fp32 rounding)."""
+        if self.fold_merged and self.rank:
+            self.base_layer.weight.sub_(self._delta_in_weight_layout(self.merged_B, self.merged_A), alpha=self.scaling)
+        return self.base_layer
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The merged buffers grow during training: take the saved shape before copying.
+        for name in ("merged_A", "merged_B"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.zeros(saved.shape, dtype=torch.float32, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, rank={self.rank}, active={self.active}, fold_merged={self.fold_merged}"

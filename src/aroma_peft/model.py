@@ -1,0 +1,161 @@
+"""get_aroma_model / AromaModel: wrap a model's linears with AromaLinear, PEFT style."""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import AromaConfig
+from .layer import SUPPORTED_BASE_LAYERS, AromaLinear
+
+
+def _matches(name: str, spec) -> bool:
+    """PEFT semantics: a string is a regex on the full name, a list holds name suffixes."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {n for n, m in model.named_modules() if head is not None and m is head}
+
+
+def find_target_modules(model: nn.Module, config: AromaConfig) -> list[str]:
+    """Names of the modules ``config`` adapts, in model order; a clear error if none or a bad type."""
+    saved = [n for n, _ in model.named_modules() if n and _matches(n, config.modules_to_save)]
+    inside_saved = lambda n: any(n == s or n.startswith(s + ".") for s in saved)  # noqa: E731
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_BASE_LAYERS)]
+    if config.target_modules == "all-linear":
+        heads = _output_embedding_names(model)
+        names = [n for n in linear_names if n not in heads]
+    else:
+        names = [n for n, _ in model.named_modules() if n and _matches(n, config.target_modules)]
+    excluded = config.exclude_modules
+    names = [n for n in names if not inside_saved(n) and not (excluded and _matches(n, excluded))]
+    if not names:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+        raise ValueError(
+            f"AromaConfig.target_modules={config.target_modules!r} matches no module of {type(model).__name__}. "
+            f"Linear modules here are named with the suffixes {suffixes}; for example {linear_names[:8]}")
+    modules = dict(model.named_modules())
+    for n in names:
+        if not isinstance(modules[n], SUPPORTED_BASE_LAYERS):
+            raise ValueError(
+                f"AromaConfig.target_modules={config.target_modules!r} matches {n!r}, a "
+                f"{type(modules[n]).__name__}; AROMA adapts nn.Linear and transformers Conv1D only")
+    return names
+
+
+def _find_modules_to_save(model: nn.Module, config: AromaConfig) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n and _matches(n, config.modules_to_save)]
+    if config.modules_to_save and not names:
+        raise ValueError(f"AromaConfig.modules_to_save={list(config.modules_to_save)!r} matches no module of "
+                         f"{type(model).__name__}")
+    return names
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+class AromaModel(nn.Module):
+    """A model whose target linears are ``AromaLinear``; everything else is frozen except ``modules_to_save``.
+
+    Calls and unknown attributes go to the wrapped model, so it is used like the original one.
+    """
+
+    def __init__(self, model: nn.Module, config: AromaConfig):
+        super().__init__()
+        self.base_model = model
+        self.aroma_config = config
+        targets = find_target_modules(model, config)
+        self.modules_to_save_names = _find_modules_to_save(model, config)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for i, name in enumerate(targets):
+            _set_submodule(model, name, AromaLinear(model.get_submodule(name), config.r, config.alpha, config.seed, i))
+        for name in self.modules_to_save_names:
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def aroma_layers(self) -> "OrderedDict[str, AromaLinear]":
+        """Adapted modules by their name in the base model, in model order."""
+        return OrderedDict((n, m) for n, m in self.base_model.named_modules() if isinstance(m, AromaLinear))
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT reports them."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def ranks(self) -> dict[str, int]:
+        """Rank of each module's merged update (live component not counted)."""
+        return {n: m.rank for n, m in self.aroma_layers.items()}
+
+    def modules_to_save_state(self) -> dict[str, torch.Tensor]:
+        """Parameters of ``modules_to_save`` by their full name in the base model."""
+        out = {}
+        for name in self.modules_to_save_names:
+            for pname, p in self.base_model.get_submodule(name).named_parameters():
+                out[f"{name}.{pname}"] = p.detach()
+        return out
+
+    # ------------------------------------------------------------------ artefacts
+    def save_pretrained(self, directory: str | Path, controller=None) -> None:
+        """Write the adapter (safetensors) and its metadata and controller state (JSON) to ``directory``."""
+        from .io import save_adapter
+
+        save_adapter(self, directory, controller)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> "AromaModel":
+        """Wrap ``model`` (the original base) and load the adapter saved in ``directory``."""
+        from .io import load_adapter
+
+        return load_adapter(model, directory)
+
+    def export_lora(self, directory: str | Path) -> None:
+        """Write a standard PEFT LoRA adapter that ``peft.PeftModel.from_pretrained(base, directory)`` loads."""
+        from .io import export_lora
+
+        export_lora(self, directory)
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Write W0 + s B A into every adapted linear and return the plain base model."""
+        for name, layer in self.aroma_layers.items():
+            _set_submodule(self.base_model, name, layer.merged_base_layer())
+        return self.base_model
+
+    @torch.no_grad()
+    def unload(self) -> nn.Module:
+        """Return the base model with its original weights (folded components taken out)."""
+        for name, layer in self.aroma_layers.items():
+            _set_submodule(self.base_model, name, layer.original_base_layer())
+        return self.base_model
+
+
+def get_aroma_model(model: nn.Module, config: AromaConfig) -> AromaModel:
+    """Wrap ``model`` for AROMA, like ``peft.get_peft_model``. The model is modified in place."""
+    return AromaModel(model, config)

@@ -1,0 +1,50 @@
+"""The learning-rate schedule of AROMA: a linear decay over T with warmups that restart at merges."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch.optim.lr_scheduler import LRScheduler
+
+if TYPE_CHECKING:
+    from .controller import AromaController
+
+
+def lr_factor(step: int, *, max_steps: int, warmup_steps: int, restart_step: int, restart_warmup_steps: int) -> float:
+    """Multiplier of the peak learning rate for the optimizer step that follows ``step`` steps.
+
+    ``envelope``: 1 until ``warmup_steps``, then linear down to 0 at ``max_steps`` (T).
+    ``warmup``: the first component warms up over ``warmup_steps``; every component started by a
+    merge at ``restart_step`` > 0 warms up over ``restart_warmup_steps``. The first step of a
+    warmup gets 1/length of the rate (not 0: no step is wasted).
+    """
+    envelope = min(1.0, max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps)))
+    length = warmup_steps if restart_step == 0 else restart_warmup_steps
+    warmup = 1.0 if length == 0 else min(1.0, (step - restart_step + 1) / length)
+    return envelope * warmup
+
+
+class AromaLRSchedule(LRScheduler):
+    """An ``LRScheduler`` whose warmups follow the controller's actual merges.
+
+    Step it after ``optimizer.step()`` like any scheduler (the HF Trainer does); the controller
+    re-applies it right after a merge, so the first step of a new component already warms up.
+    """
+
+    def __init__(self, optimizer, controller: "AromaController"):
+        self.controller = controller
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        f = self.controller.lr_factor(self.last_epoch)
+        return [base * f for base in self.base_lrs]
+
+    def refresh(self) -> None:
+        """Apply the rate for the current step again (after the controller restarted a warmup)."""
+        lrs = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "controller")}
