@@ -3,7 +3,7 @@
 Plain PyTorch loop::
 
     model = get_aroma_model(base, AromaConfig(target_modules=["query", "value"], max_steps=3000))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-4)
     controller = AromaController(model, optimizer)
     for batch in loader:
         model(**batch).loss.backward()

@@ -135,8 +135,8 @@ def load_adapter(model, directory: str | Path):
             layer.lora_B.copy_(_expect(tensors, f"{name}.lora_B", layer.lora_B.shape, weights_path))
             merged_a = _expect(tensors, f"{name}.merged_A", (rank, layer.in_features), weights_path)
             merged_b = _expect(tensors, f"{name}.merged_B", (layer.out_features, rank), weights_path)
-            if rank:
-                layer.append_merged(merged_b, merged_a)
+            for k in range(0, rank, layer.r):  # one component at a time: the same fp32 rounding as training
+                layer.append_merged(merged_b[:, k:k + layer.r], merged_a[k:k + layer.r])
             layer.set_active(bool(meta["modules"][name]["active"]))
         for key, param in aroma.modules_to_save_state().items():
             param.copy_(_expect(tensors, f"modules_to_save.{key}", param.shape, weights_path))

@@ -84,9 +84,9 @@ class AromaModel(nn.Module):
         for name in self.modules_to_save_names:
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)
-
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        # Calls go straight to the wrapped model's forward, whose signature callers such as the HF
+        # Trainer inspect (to choose dataset columns).
+        self.forward = model.forward
 
     def __getattr__(self, name: str):
         try:
@@ -99,6 +99,18 @@ class AromaModel(nn.Module):
     def aroma_layers(self) -> "OrderedDict[str, AromaLinear]":
         """Adapted modules by their name in the base model, in model order."""
         return OrderedDict((n, m) for n, m in self.base_model.named_modules() if isinstance(m, AromaLinear))
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every parameter AROMA may train, in a fixed order: live factors, then ``modules_to_save``.
+
+        Give this list to the optimizer (not only the ``requires_grad`` ones): frozen factors get no
+        gradient and are skipped, and the order stays the same after a resume, so a saved optimizer
+        state loads back onto the same parameters.
+        """
+        params = [p for layer in self.aroma_layers.values() for p in (layer.lora_A, layer.lora_B)]
+        for name in self.modules_to_save_names:
+            params.extend(self.base_model.get_submodule(name).parameters())
+        return params
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, as PEFT reports them."""

@@ -1,7 +1,7 @@
 """Hugging Face ``Trainer`` integration: a callback that drives the controller and its schedule.
 
     controller = AromaController(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=args.learning_rate)
     scheduler = controller.attach_optimizer(optimizer)
     trainer = Trainer(model=model, args=args, ..., optimizers=(optimizer, scheduler),
                       callbacks=[AromaCallback(controller)])

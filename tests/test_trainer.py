@@ -1,0 +1,66 @@
+"""The Hugging Face Trainer callback drives the controller and its schedule, and stops the Trainer."""
+
+import pytest
+import torch
+from conftest import synthetic_batches, tiny_bert
+from transformers import Trainer, TrainingArguments
+
+from aroma_peft import AromaConfig, AromaController, get_aroma_model, lr_factor
+from aroma_peft.integrations.trainer import AromaCallback
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def rows(n_batches=20):
+    out = []
+    for b in synthetic_batches(n_batches):
+        for i in range(len(b["labels"])):
+            out.append({k: v[i] for k, v in b.items()})
+    return out
+
+
+def make_trainer(tmp_path, max_steps=600, eps_out=0.1):
+    config = AromaConfig(target_modules=["query", "key", "value", "dense"], exclude_modules=["pooler.dense"],
+                         modules_to_save=["classifier"], max_steps=max_steps, max_inner_steps=20, eps_out=eps_out,
+                         warmup_steps=10, restart_warmup_steps=5, train_heads_after_convergence=False)
+    model = get_aroma_model(tiny_bert(), config)
+    controller = AromaController(model)
+    optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+    scheduler = controller.attach_optimizer(optimizer)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=max_steps,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                             dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(rows()),
+                      optimizers=(optimizer, scheduler), callbacks=[AromaCallback(controller)])
+    return trainer, controller
+
+
+def test_trainer_stops_when_every_module_converged_and_follows_the_schedule(tmp_path):
+    trainer, controller = make_trainer(tmp_path)
+    trainer.train()
+    assert controller.finished
+    assert trainer.state.global_step == controller.loop.step_count < 600
+    assert all(row["converged"] for row in controller.summary())
+    assert max(controller.model.ranks().values()) > 1
+    # The learning rate logged at each step is the schedule's value for that step's restart point.
+    merge_steps = [h["step"] for h in controller.history[1:] if h["total_rank"] > 0]
+    logged = {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
+    first_restart = merge_steps[0]
+    assert logged[first_restart + 1] == pytest.approx(1e-2 * lr_factor(
+        first_restart, max_steps=600, warmup_steps=10, restart_step=first_restart, restart_warmup_steps=5))
+
+
+def test_trainer_with_another_scheduler_is_refused(tmp_path):
+    trainer, controller = make_trainer(tmp_path, max_steps=20)
+    trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: 1.0)
+    with pytest.raises(ValueError, match="not the controller's AromaLRSchedule"):
+        trainer.train()
