@@ -70,3 +70,8 @@ def test_malformed_json_names_file(tmp_path):
     (tmp_path / "c.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"c\.json: not valid JSON"):
         AromaConfig.load(tmp_path / "c.json")
+
+
+def test_criteria_can_be_switched_off():
+    c = AromaConfig(eps_in=None, eps_out=None, r=8)
+    assert c.eps_in is None and c.eps_out is None

@@ -159,3 +159,13 @@ def test_state_dict_round_trip_mid_inner_loop_gives_same_decisions():
     resumed.load_state_dict(first.state_dict())
     got += [(d.step, d.converged, d.merged, d.finished) for d in run(resumed, s, 9)]
     assert got == expected
+
+
+def test_criteria_switched_off_is_relora():
+    # eps_in = eps_out = None: no inner check (norms never asked), every loop lasts T_in and merges.
+    loop = make_loop(n=2, eps_in=None, eps_out=None, max_inner_steps=5, max_steps=17)
+    s = Script(ratios={0: [1e-9] * 3, 1: [1e-9] * 3})
+    d = run(loop, s, 17)
+    assert s.norm_calls == []
+    assert [x.step for x in d if x.merged] == [5, 10, 15]
+    assert d[-1].kept_at_max_steps == [0, 1] and [m.components for m in loop.modules] == [4, 4]

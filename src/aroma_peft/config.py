@@ -44,10 +44,11 @@ class AromaConfig:
             classifier head, say). They are not AROMA components and never converge.
         r: inner-space rank of each component (1 in the paper's AROMA; 8 for AROMA_{r=8}).
         alpha: LoRA scaling numerator; the update is scaled by ``alpha / r``.
-        eps_in: inner tolerance of eq. (5).
+        eps_in: inner tolerance of eq. (5); None switches eq. (5) off (every inner loop lasts T_in).
         check_interval: ΔT_in, the number of steps between two inner checks.
         max_inner_steps: T_in, the most steps one inner loop may take.
-        eps_out: outer tolerance of eq. (6).
+        eps_out: outer tolerance of eq. (6); None switches eq. (6) off (no module converges: every
+            inner loop ends in a merge until T). Both None with ``r`` > 1 is ReLoRA (paper §4.1).
         max_steps: T, the most optimizer steps of the whole run (None: set it on the controller).
         warmup_steps: warmup of the first component.
         restart_warmup_steps: warmup after each Merge & Reinit & Reset.
@@ -65,10 +66,10 @@ class AromaConfig:
     modules_to_save: tuple[str, ...] = ()
     r: int = 1
     alpha: float = 4.0
-    eps_in: float = 0.1
+    eps_in: float | None = 0.1
     check_interval: int = 10
     max_inner_steps: int = 200
-    eps_out: float = 5e-3
+    eps_out: float | None = 5e-3
     max_steps: int | None = None
     warmup_steps: int = 100
     restart_warmup_steps: int = 50
@@ -109,8 +110,9 @@ class AromaConfig:
 
         positive_int("r", self.r)
         positive_float("alpha", self.alpha)
-        positive_float("eps_in", self.eps_in)
-        positive_float("eps_out", self.eps_out)
+        for name in ("eps_in", "eps_out"):
+            if getattr(self, name) is not None:
+                positive_float(name, getattr(self, name))
         positive_int("check_interval", self.check_interval)
         positive_int("max_inner_steps", self.max_inner_steps)
         positive_int("max_steps", self.max_steps, allow_none=True)

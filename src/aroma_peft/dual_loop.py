@@ -56,17 +56,17 @@ class DualLoop:
 
     Args:
         n_modules: number of adapted modules.
-        eps_in: inner tolerance of eq. (5).
+        eps_in: inner tolerance of eq. (5); None: never inner-converged (loops last T_in).
         check_interval: ΔT_in.
         max_inner_steps: T_in.
-        eps_out: outer tolerance of eq. (6).
+        eps_out: outer tolerance of eq. (6); None: never converged (merge at every loop end).
         max_steps: T.
         stop_when_converged: finish as soon as every module has converged (False: go on to T,
             used when trained heads remain).
     """
 
-    def __init__(self, n_modules: int, *, eps_in: float, check_interval: int, max_inner_steps: int,
-                 eps_out: float, max_steps: int, stop_when_converged: bool = True):
+    def __init__(self, n_modules: int, *, eps_in: float | None, check_interval: int, max_inner_steps: int,
+                 eps_out: float | None, max_steps: int, stop_when_converged: bool = True):
         self.eps_in = eps_in
         self.check_interval = check_interval
         self.max_inner_steps = max_inner_steps
@@ -96,7 +96,7 @@ class DualLoop:
         active = self.active()
         if active:
             self.inner_step += 1
-            if self.inner_step % self.check_interval == 0:
+            if self.eps_in is not None and self.inner_step % self.check_interval == 0:
                 self._inner_check(active, norms, decision)
             everyone_done = bool(decision.checked) and all(self.modules[i].inner_converged for i in active)
             if everyone_done or self.inner_step >= self.max_inner_steps:
@@ -135,7 +135,7 @@ class DualLoop:
                     f"module #{i}: the ratio of eq. (6) is {ratio} at step {self.step_count}; "
                     "the live component is not finite and will not be merged")
             m.last_ratio = ratio
-            if ratio < self.eps_out:
+            if self.eps_out is not None and ratio < self.eps_out:
                 m.converged = True
                 m.finished_at = self.step_count
                 decision.converged.append(i)
