@@ -1,0 +1,212 @@
+"""The ``aroma`` command line: train, demo, report, compare, export."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .methods import METHODS, MethodOptions
+
+TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "qnli", "rte", "mnli")
+
+# (flag, type, help): run options (TrainOptions fields)
+RUN_OPTIONS = [
+    ("lr", float, "peak learning rate"),
+    ("batch-size", int, "training batch size"),
+    ("eval-batch-size", int, "evaluation batch size"),
+    ("max-seq-len", int, "truncate inputs to this many tokens"),
+    ("epochs", float, "training length in epochs (or --max-steps)"),
+    ("max-steps", int, "training length in optimizer steps: T for AROMA"),
+    ("warmup-steps", int, "first warmup (AROMA: of the first component)"),
+    ("weight-decay", float, "AdamW weight decay"),
+    ("eval-steps", int, "evaluate and checkpoint every this many steps"),
+    ("seed", int, "random seed (data order, initialization, AROMA's decisions)"),
+    ("train-limit", int, "train on a random subset of this many examples"),
+    ("eval-limit", int, "evaluate on the first this many examples of each dev split"),
+]
+# method options (MethodOptions fields)
+METHOD_OPTIONS = [
+    ("r", int, "LoRA/DoRA rank, AdaLoRA target rank, AROMA inner-space rank, ReLoRA rank per cycle"),
+    ("alpha", float, "scaling numerator: the update is scaled by alpha / r"),
+    ("dropout", float, "LoRA dropout (PEFT methods)"),
+    ("eps-in", float, "AROMA inner tolerance, eq. (5)"),
+    ("eps-out", float, "AROMA outer tolerance, eq. (6)"),
+    ("check-interval", int, "AROMA ΔT_in: steps between inner checks"),
+    ("max-inner-steps", int, "AROMA T_in (ReLoRA: cycle length)"),
+    ("restart-warmup-steps", int, "AROMA/ReLoRA warmup after each merge"),
+    ("reset", str, "optimizer reset after a merge: prune, zero or none"),
+    ("init-r", int, "AdaLoRA initial rank"),
+    ("tinit", int, "AdaLoRA steps before pruning starts"),
+    ("tfinal", int, "AdaLoRA final fine-tuning steps"),
+    ("delta-t", int, "AdaLoRA steps between budget allocations"),
+    ("orth-reg-weight", float, "AdaLoRA orthogonal regularization weight"),
+]
+
+
+def _field(flag: str) -> str:
+    return flag.replace("-", "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aroma",
+        description="Fine-tune with AROMA and its baselines, and inspect the results.",
+        epilog="Example: aroma train glue --task mrpc --model ./MiniLM --method aroma --preset small-cpu "
+               "--data-dir ../shared/data/glue/mrpc --out runs/mrpc-aroma")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune and evaluate on a benchmark")
+    bench = train.add_subparsers(dest="benchmark", required=True)
+    glue = bench.add_parser("glue", help="a GLUE task", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            description="Fine-tune MODEL on a GLUE task with one method; writes a run directory "
+                                        "(docs/run_directory.md). Options left out come from --preset, then from "
+                                        "the built-in defaults.")
+    glue.add_argument("--task", required=True, choices=TASKS, help="GLUE task")
+    glue.add_argument("--model", required=True, help="local model folder (with tokenizer) or hub id (online only)")
+    glue.add_argument("--method", default="aroma", choices=METHODS, help="fine-tuning method")
+    glue.add_argument("--preset", help="named hyperparameters: roberta-base (paper Table 15) or small-cpu")
+    glue.add_argument("--data-dir", help="folder with the task's files (GLUE layout); omitted: the hub's glue dataset")
+    glue.add_argument("--out", help="run directory (default runs/TASK-METHOD-MODEL)")
+    glue.add_argument("--target-modules", nargs="+", help="module-name suffixes to adapt (default: all linear layers)")
+    glue.add_argument("--modules-to-save", nargs="+", help="modules trained in full (default: the classifier head)")
+    glue.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for group, options in (("run", RUN_OPTIONS), ("method", METHOD_OPTIONS)):
+        g = glue.add_argument_group(f"{group} options (override the preset)")
+        for flag, typ, help_text in options:
+            g.add_argument(f"--{flag}", type=typ, default=None, help=help_text)
+
+    demo = sub.add_parser("demo", help="offline demo: AROMA vs LoRA r=8 on a real model and real data")
+    demo.add_argument("--out", default="runs/demo", help="where to write the two runs and the comparison")
+    demo.add_argument("--max-steps", type=int, default=None, help="shorten the demo (for a smoke test)")
+
+    report = sub.add_parser("report", help="figures and a markdown summary of one run")
+    report.add_argument("run_dir")
+
+    compare = sub.add_parser("compare", help="a Table 2-style markdown table of several runs")
+    compare.add_argument("run_dirs", nargs="+")
+    compare.add_argument("--out", help="also write the table to this file")
+
+    export = sub.add_parser("export", help="export a run's result: a standard PEFT LoRA adapter or a merged model")
+    export.add_argument("run_dir")
+    export.add_argument("out")
+    export.add_argument("--format", choices=("lora", "merged"), default="lora")
+    return parser
+
+
+def train_options_from_args(args) -> "TrainOptions":
+    """Built-in defaults < preset < command-line options."""
+    from .presets import resolve_preset
+    from .train import TrainOptions
+
+    values: dict = {}
+    if args.preset:
+        model_config = _model_config(args.model)
+        values.update(resolve_preset(args.preset, args.task, args.method, model_config))
+    for flag, _, _ in RUN_OPTIONS + METHOD_OPTIONS:
+        v = getattr(args, _field(flag))
+        if v is not None:
+            values[_field(flag)] = v
+    if args.target_modules:
+        values["target_modules"] = args.target_modules
+    if args.modules_to_save:
+        values["modules_to_save"] = args.modules_to_save
+    if args.epochs is not None and args.max_steps is None:
+        values.pop("max_steps", None)  # an explicit length in epochs replaces the preset's step count
+    if args.max_steps is not None and args.epochs is None:
+        values.pop("epochs", None)
+    if "epochs" not in values and "max_steps" not in values:
+        values["epochs"] = 3.0
+    method_fields = {f.name for f in dataclasses.fields(MethodOptions)}
+    method_values = {k: v for k, v in values.items() if k in method_fields}
+    run_values = {k: v for k, v in values.items() if k not in method_fields}
+    return TrainOptions(task=args.task, model=args.model, method=args.method, preset=args.preset,
+                        data_dir=args.data_dir, out=args.out, progress=not args.no_progress,
+                        method_options=MethodOptions(**method_values), **run_values)
+
+
+def _model_config(model: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model)
+    except OSError as err:
+        raise FileNotFoundError(f"--model {model}: cannot read its config ({err})") from None
+
+
+def cmd_export(run_dir: Path, out: Path, fmt: str) -> None:
+    config = json.loads((run_dir / "config.json").read_text())
+    method = config["method"]
+    if fmt == "lora":
+        if method in ("aroma", "relora"):
+            src = run_dir / "lora"
+        elif method == "lora":
+            src = run_dir / "adapter"
+        else:
+            raise ValueError(f"a {method} run has no standard LoRA adapter; use --format merged")
+        if not src.is_dir():
+            raise FileNotFoundError(f"{src}: no LoRA adapter in this run directory (did the run finish?)")
+        shutil.copytree(src, out, dirs_exist_ok=True)
+        return
+    from .train import load_model_and_tokenizer
+    from .tasks.glue import get_task
+
+    base, tokenizer = load_model_and_tokenizer(config["model"], get_task(config["task"]).num_labels)
+    adapter = run_dir / "adapter"
+    if method in ("aroma", "relora"):
+        from .model import AromaModel
+
+        merged = AromaModel.from_pretrained(base, adapter).merge_and_unload()
+    elif method in ("lora", "dora", "adalora"):
+        from peft import PeftModel
+
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    else:
+        from safetensors.torch import load_file
+
+        missing = base.load_state_dict(load_file(str(adapter / "trainable.safetensors")), strict=False)
+        if missing.unexpected_keys:
+            raise ValueError(f"{adapter}: tensors not in the model: {missing.unexpected_keys[:5]}")
+        merged = base
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import run
+
+            final = run(train_options_from_args(args))
+            print(json.dumps({k: final[k] for k in ("task", "method", "main_metric", "metrics", "majority_baseline",
+                                                     "trainable_params", "total_rank", "steps", "wall_time_s")}, indent=2))
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(Path(args.out), max_steps=args.max_steps)
+        elif args.command == "report":
+            from .report import write_report
+
+            print(write_report(Path(args.run_dir)))
+        elif args.command == "compare":
+            from .report import compare_runs
+
+            table = compare_runs([Path(d) for d in args.run_dirs])
+            print(table)
+            if args.out:
+                Path(args.out).write_text(table + "\n")
+        elif args.command == "export":
+            cmd_export(Path(args.run_dir), Path(args.out), args.format)
+            print(f"wrote {args.out}")
+    except (ValueError, FileNotFoundError) as err:
+        print(f"aroma: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

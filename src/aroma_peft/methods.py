@@ -1,0 +1,186 @@
+"""The fine-tuning methods compared side by side: AROMA, ReLoRA, LoRA, DoRA, AdaLoRA, full, BitFit.
+
+Every method is prepared into a ``MethodRun`` with the same small surface, so the training loop
+of ``train.py`` treats them alike: the parameters to optimize, the schedule, what happens after
+each optimizer step, the current rank of each adapted module, and how the result is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import AromaConfig
+from .controller import AromaController
+from .io import atomic_write
+from .model import get_aroma_model
+
+METHODS = ("aroma", "relora", "lora", "dora", "adalora", "full", "bitfit")
+PEFT_METHODS = ("lora", "dora", "adalora")
+
+
+@dataclass
+class MethodOptions:
+    """The method-specific options (the rest of the run's options live in ``train.TrainOptions``)."""
+
+    target_modules: list[str] | str | None = None  # None: default_target_modules(model)
+    modules_to_save: list[str] = field(default_factory=list)
+    r: int = 1  # LoRA/DoRA rank, AdaLoRA target rank, AROMA inner-space rank, ReLoRA rank per cycle
+    alpha: float = 4.0
+    dropout: float = 0.0
+    # AROMA / ReLoRA
+    eps_in: float | None = 0.1
+    eps_out: float | None = 5e-3
+    check_interval: int = 10
+    max_inner_steps: int = 200
+    restart_warmup_steps: int = 50
+    reset: str = "prune"
+    train_heads_after_convergence: bool = True
+    # AdaLoRA
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 10
+    orth_reg_weight: float = 0.5
+
+
+@dataclass
+class MethodRun:
+    """A model prepared for one method, and the hooks the training loop calls."""
+
+    method: str
+    model: nn.Module
+    parameters: list[nn.Parameter]
+    make_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+    after_step: Callable[[int], bool]  # called after optimizer.step() and scheduler.step(); True: finished
+    module_ranks: Callable[[], dict[str, int]]
+    module_updates: Callable[[], dict[str, torch.Tensor]]  # the final s*B*A (or delta) of each adapted module
+    save: Callable[[Path], None]
+    controller: AromaController | None = None
+    count_trainable: Callable[[], int] | None = None  # when not every requires_grad entry trains (AdaLoRA)
+
+    def trainable_count(self) -> int:
+        if self.count_trainable is not None:
+            return self.count_trainable()
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Every linear inside the numbered transformer blocks (``encoder.layer.3.attention.self.query``,
+    ``model.layers.0.mlp.up_proj``, ``h.5.attn.c_attn``): the paper's W_q, W_k, W_v, W_o, W_f1, W_f2,
+    without the pooler and the head."""
+    import re
+
+    from .layer import SUPPORTED_BASE_LAYERS
+
+    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_BASE_LAYERS) and re.search(r"\.\d+\.", n)]
+
+
+def linear_schedule(optimizer, max_steps: int, warmup_steps: int):
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps, max_steps)
+
+
+def _save_trainable(model: nn.Module, directory: Path) -> None:
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / "trainable.safetensors", lambda p: save_file(tensors, str(p)))
+
+
+def prepare(method: str, base: nn.Module, opts: MethodOptions, *, max_steps: int, warmup_steps: int,
+            seed: int = 0) -> MethodRun:
+    """Wrap ``base`` for ``method``; the base model is modified in place."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+    if opts.target_modules is None:
+        opts = dataclasses.replace(opts, target_modules=default_target_modules(base))
+    if method in ("aroma", "relora"):
+        return _prepare_aroma(method, base, opts, max_steps, warmup_steps, seed)
+    if method in PEFT_METHODS:
+        return _prepare_peft(method, base, opts, max_steps, warmup_steps)
+    return _prepare_selective(method, base, opts, max_steps, warmup_steps)
+
+
+def _prepare_aroma(method, base, opts, max_steps, warmup_steps, seed) -> MethodRun:
+    relora = method == "relora"
+    config = AromaConfig(
+        target_modules=opts.target_modules, modules_to_save=tuple(opts.modules_to_save), r=opts.r,
+        alpha=opts.alpha, eps_in=None if relora else opts.eps_in, eps_out=None if relora else opts.eps_out,
+        check_interval=opts.check_interval, max_inner_steps=opts.max_inner_steps, max_steps=max_steps,
+        warmup_steps=warmup_steps, restart_warmup_steps=opts.restart_warmup_steps, reset=opts.reset,
+        train_heads_after_convergence=opts.train_heads_after_convergence, seed=seed)
+    model = get_aroma_model(base, config)
+    controller = AromaController(model)
+
+    def make_scheduler(optimizer):
+        return controller.attach_optimizer(optimizer)
+
+    def save(directory: Path) -> None:
+        model.save_pretrained(directory / "adapter", controller=controller)
+        if any(layer.rank or layer.active for layer in model.aroma_layers.values()):
+            model.export_lora(directory / "lora")
+
+    return MethodRun(
+        method=method, model=model, parameters=model.adapter_parameters(), make_scheduler=make_scheduler,
+        after_step=lambda step: controller.step(), module_ranks=model.ranks,
+        module_updates=lambda: {n: layer.delta_weight() for n, layer in model.aroma_layers.items()},
+        save=save, controller=controller)
+
+
+def _prepare_peft(method, base, opts, max_steps, warmup_steps) -> MethodRun:
+    import peft
+
+    common = dict(target_modules=opts.target_modules, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
+                  modules_to_save=list(opts.modules_to_save) or None)
+    if method == "adalora":
+        config = peft.AdaLoraConfig(init_r=opts.init_r, target_r=opts.r, tinit=opts.tinit,
+                                    tfinal=opts.tfinal, deltaT=opts.delta_t, orth_reg_weight=opts.orth_reg_weight,
+                                    total_step=max_steps, **common)
+    else:
+        config = peft.LoraConfig(r=opts.r, use_dora=method == "dora", **common)
+    model = peft.get_peft_model(base, config)
+    inner = model.base_model  # LoraModel / AdaLoraModel
+    layers = {n: m for n, m in inner.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+    def module_ranks() -> dict[str, int]:
+        if method == "adalora":
+            return {n: int((m.lora_E["default"] != 0).sum()) for n, m in layers.items()}
+        return {n: m.r["default"] for n, m in layers.items()}
+
+    def count_trainable() -> int:
+        # AdaLoRA masks pruned triplets (E = 0) instead of removing them: count what still trains,
+        # rank * (in + out + 1) per module, plus the heads.
+        lora = sum(int((m.lora_E["default"] != 0).sum()) * (m.in_features + m.out_features + 1) for m in layers.values())
+        others = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+        return lora + others
+
+    def after_step(step: int) -> bool:
+        if method == "adalora":
+            inner.update_and_allocate(step)  # needs this step's gradients: before zero_grad
+        return False
+
+    return MethodRun(
+        method=method, model=model, parameters=[p for p in model.parameters() if p.requires_grad],
+        make_scheduler=lambda opt: linear_schedule(opt, max_steps, warmup_steps), after_step=after_step,
+        module_ranks=module_ranks,
+        module_updates=lambda: {n: m.get_delta_weight("default").detach() for n, m in layers.items()},
+        save=lambda d: model.save_pretrained(str(d / "adapter")),
+        count_trainable=count_trainable if method == "adalora" else None)
+
+
+def _prepare_selective(method, base, opts, max_steps, warmup_steps) -> MethodRun:
+    heads = tuple(opts.modules_to_save)
+    for name, p in base.named_parameters():
+        in_head = any(name.startswith(h + ".") or f".{h}." in name for h in heads)
+        p.requires_grad_(method == "full" or in_head or name.endswith("bias"))
+    return MethodRun(
+        method=method, model=base, parameters=[p for p in base.parameters() if p.requires_grad],
+        make_scheduler=lambda opt: linear_schedule(opt, max_steps, warmup_steps), after_step=lambda step: False,
+        module_ranks=dict, module_updates=dict, save=lambda d: _save_trainable(base, d / "adapter"))

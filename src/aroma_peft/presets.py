@@ -1,0 +1,100 @@
+"""Named hyperparameter presets: the paper's RoBERTa-base settings and small-model CPU settings.
+
+A preset maps task -> method -> options (``TrainOptions`` fields and ``MethodOptions`` fields,
+flat). Any option given on the command line overrides the preset.
+"""
+
+from __future__ import annotations
+
+TASK_ORDER = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb")  # the column order of Table 15
+
+
+def _columns(**values) -> dict[str, dict]:
+    """Turn Table-15-style rows (one value per task, in TASK_ORDER) into per-task dicts."""
+    out = {t: {} for t in TASK_ORDER}
+    for key, row in values.items():
+        row = row if isinstance(row, (list, tuple)) else [row] * len(TASK_ORDER)
+        for task, v in zip(TASK_ORDER, row):
+            out[task][key] = v
+    return out
+
+
+# Table 15 of the paper (RoBERTa-base on GLUE). T is the run length; epochs are implied by it.
+_AROMA = _columns(
+    max_seq_len=256, batch_size=[32, 32, 64, 32, 64, 64, 64, 32],
+    lr=[2e-4, 7e-4, 1e-4, 2e-4, 4e-4, 1e-4, 5e-4, 5e-4],
+    max_steps=[35000, 85000, 3000, 30000, 55000, 2400, 40000, 10000],
+    max_inner_steps=[5000, 5000, 200, 2000, 55000, 200, 2500, 1000],
+    check_interval=10, eps_in=0.1, eps_out=[2e-2, 5e-3, 5e-3, 5e-3, 1e-3, 6e-3, 5e-3, 5e-3], alpha=4.0, r=1,
+    warmup_steps=[500, 100, 100, 100, 100, 100, 100, 100],
+    restart_warmup_steps=[100, 50, 50, 50, 50, 50, 50, 50])
+_LORA = _columns(
+    max_seq_len=128, batch_size=64, epochs=[30, 30, 30, 25, 25, 50, 60, 40],
+    lr=[4e-4, 5e-4, 4e-4, 4e-4, 4e-4, 5e-4, 5e-4, 4e-4], r=8, alpha=16.0)
+_ADALORA = _columns(
+    max_seq_len=128, batch_size=32, lr=[5e-4, 5e-4, 1e-3, 1.2e-3, 5e-4, 1.2e-3, 8e-4, 2.2e-3],
+    init_r=12, r=8, alpha=16.0, orth_reg_weight=[0.5, 0.1, 0.1, 0.1, 0.1, 0.3, 0.1, 0.1],
+    max_steps=[6500, 85000, 3000, 15000, 55000, 4000, 50000, 4500],
+    tinit=[800, 8000, 600, 2000, 8000, 600, 6000, 800], delta_t=[10, 100, 1, 100, 100, 1, 100, 10],
+    tfinal=[3500, 50000, 1800, 8000, 25000, 1800, 22000, 2000])
+
+
+def _relora_from_aroma(aroma: dict) -> dict:
+    # ReLoRA_1 x 8 (§4.2): rank 1 per cycle, 8 cycles over the AROMA run length, criteria off.
+    return aroma | {"max_inner_steps": max(aroma["check_interval"], aroma["max_steps"] // 8)}
+
+
+ROBERTA_BASE = {
+    task: {
+        "aroma": _AROMA[task],
+        "relora": _relora_from_aroma(_AROMA[task]),
+        "lora": _LORA[task],
+        "dora": _LORA[task],  # not in Table 15: LoRA's settings with use_dora
+        "adalora": _ADALORA[task],
+        "full": {"max_seq_len": 128, "batch_size": 32, "epochs": 10, "lr": 2e-5},  # not in Table 15
+        "bitfit": {"max_seq_len": 128, "batch_size": 32, "epochs": 20, "lr": 1e-3},  # not in Table 15
+    }
+    for task in TASK_ORDER
+}
+
+# Small encoders (MiniLM-L6-H384, 22.7M parameters) on a 2-core CPU: a few hundred steps of
+# 128 tokens. eps_out is calibrated to MiniLM's ||W0|| (docs/algorithm.md, "Setting eps_out").
+_SMALL_COMMON = {"max_seq_len": 128, "batch_size": 32, "eval_steps": 100, "warmup_steps": 30}
+_SMALL = {
+    "aroma": _SMALL_COMMON | {"lr": 1e-3, "max_steps": 600, "max_inner_steps": 60, "check_interval": 10,
+                              "eps_in": 0.1, "eps_out": 5e-3, "alpha": 4.0, "r": 1, "restart_warmup_steps": 10},
+    "relora": _SMALL_COMMON | {"lr": 1e-3, "max_steps": 600, "max_inner_steps": 75, "alpha": 4.0, "r": 1,
+                               "restart_warmup_steps": 10},
+    "lora": _SMALL_COMMON | {"lr": 1e-3, "max_steps": 600, "r": 8, "alpha": 16.0},
+    "dora": _SMALL_COMMON | {"lr": 1e-3, "max_steps": 600, "r": 8, "alpha": 16.0},
+    "adalora": _SMALL_COMMON | {"lr": 2e-3, "max_steps": 600, "init_r": 12, "r": 8, "alpha": 16.0,
+                                "tinit": 60, "tfinal": 200, "delta_t": 10, "orth_reg_weight": 0.1},
+    "full": _SMALL_COMMON | {"lr": 5e-5, "max_steps": 600},
+    "bitfit": _SMALL_COMMON | {"lr": 2e-3, "max_steps": 600},
+}
+SMALL_CPU = {task: dict(_SMALL) for task in TASK_ORDER}
+
+PRESETS = {
+    "roberta-base": {"tasks": ROBERTA_BASE, "model_types": ("roberta",), "hidden_size": 768},
+    "small-cpu": {"tasks": SMALL_CPU, "model_types": ("bert", "roberta", "distilbert", "electra"), "hidden_size": None},
+}
+
+
+def resolve_preset(name: str, task: str, method: str, model_config=None) -> dict:
+    """The options of preset ``name`` for (task, method); checks the preset fits the model."""
+    if name not in PRESETS:
+        raise ValueError(f"--preset {name!r} is unknown: expected one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    if model_config is not None:
+        model_type = getattr(model_config, "model_type", None)
+        if model_type not in preset["model_types"]:
+            raise ValueError(f"--preset {name} does not fit this model: it is for model types "
+                             f"{', '.join(preset['model_types'])}, the model is {model_type!r}")
+        hidden = preset["hidden_size"]
+        if hidden is not None and getattr(model_config, "hidden_size", hidden) != hidden:
+            raise ValueError(f"--preset {name} does not fit this model: it was tuned for hidden size {hidden}, "
+                             f"the model has {model_config.hidden_size}")
+    options = preset["tasks"].get(task, {}).get(method)
+    if options is None:
+        raise ValueError(f"--preset {name} has no settings for task {task!r} and method {method!r}")
+    return dict(options)

@@ -1,0 +1,210 @@
+"""Read a run directory (docs/run_directory.md) and summarise it: one run as report.md, many as a Table 2."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from .io import atomic_write
+
+# The keys each file must carry (docs/run_directory.md); for metrics.jsonl, the keys of every line.
+RUN_FILES = {
+    "config.json": ("task", "method", "model"),
+    "metrics.jsonl": ("step", "main"),
+    "rank_history.json": ("modules", "history"),
+    "ranks.json": ("modules",),
+    "final_metrics.json": ("task", "method", "model", "main_metric", "metrics", "majority_baseline",
+                           "trainable_params", "total_rank", "steps", "stopped_early", "wall_time_s",
+                           "mean_step_time_s"),
+}
+
+
+def _check_keys(obj, required: Sequence[str], where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [key for key in required if key not in obj]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}")
+    return obj
+
+
+def read_run_file(run_dir: str | Path, name: str):
+    """One file of ``RUN_FILES``, parsed and checked: a dict, or a list of dicts for ``.jsonl``."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a finished run directory of `aroma train`?")
+    text = path.read_text(encoding="utf-8")
+    if name.endswith(".jsonl"):
+        records = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from None
+            records.append(_check_keys(obj, RUN_FILES[name], f"{path}: line {lineno}"))
+        return records
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: line {err.lineno} is not valid JSON ({err.msg})") from None
+    return _check_keys(obj, RUN_FILES[name], str(path))
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """All JSON files of a run: ``{"config", "metrics", "rank_history", "ranks", "final_metrics"}``."""
+    return {name.split(".")[0]: read_run_file(run_dir, name) for name in RUN_FILES}
+
+
+def trainable_mean(history: Sequence[dict], final_step: int) -> float:
+    """Step-weighted mean of ``trainable_params`` over the steps [0, final_step).
+
+    ``history`` is the step function of rank_history.json: each entry holds from its ``step`` until
+    the next entry's. The first entry is taken to hold from step 0; entries at or after
+    ``final_step`` never held.
+    """
+    if final_step <= 0:
+        raise ValueError(f"final_step must be > 0, got {final_step}")
+    if not history:
+        raise ValueError("history is empty: no trainable parameter count recorded")
+    entries = sorted(history, key=lambda e: e["step"])
+    starts = [0] + [e["step"] for e in entries[1:]]
+    ends = starts[1:] + [final_step]
+    total = sum(e["trainable_params"] * max(0, min(end, final_step) - start)
+                for e, start, end in zip(entries, starts, ends))
+    return total / final_step
+
+
+def format_count(n: float, unit_of: float | None = None) -> str:
+    """A parameter count as in the paper: 0.17M from 100k up, 24.6k from 1k up, else the integer.
+
+    ``unit_of`` picks the unit from another value, so counts side by side share one (0.17M / 0.00M).
+    """
+    ref = abs(n if unit_of is None else unit_of)
+    if ref >= 1e5:
+        return f"{n / 1e6:.2f}M"
+    if ref >= 1e3:
+        return f"{n / 1e3:.1f}k"
+    return f"{n:.0f}"
+
+
+def _params_cell(trainable: dict) -> str:
+    values = [trainable[k] for k in ("initial", "mean", "final")]
+    return " / ".join(format_count(v, unit_of=max(values)) for v in values)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Draw both figures and write ``report.md`` into the run directory; returns its path."""
+    from .plots import plot_rank_distribution, plot_training  # plots reads files through this module
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    final = run["final_metrics"]
+    fig1 = plot_training(run_dir)
+    fig3 = plot_rank_distribution(run_dir)
+
+    main = final["main_metric"]
+    baseline = final["majority_baseline"]
+    tp = final["trainable_params"]
+    main_line = f"{main} = {final['metrics'][main]:.4f}" if main in final["metrics"] else f"{main}: not evaluated"
+    if main in baseline:
+        main_line += f" (majority-class baseline {baseline[main]:.4f})"
+    summary = [
+        ("task", final["task"]),
+        ("method", final["method"]),
+        ("model", final["model"]),
+        ("main metric", main_line),
+        ("trainable parameters (initial / mean / final)",
+         f"{tp['initial']:,} / {tp['mean']:,.1f} / {tp['final']:,} ({_params_cell(tp)})"),
+        ("total rank", str(final["total_rank"])),
+        ("steps", str(final["steps"])),
+        ("stopped early", "yes" if final["stopped_early"] else "no"),
+        ("wall time", f"{final['wall_time_s']:.1f} s"),
+        ("mean step time", f"{final['mean_step_time_s']:.4f} s"),
+    ]
+    lines = [f"# Run report: {final['task']} / {final['method']} / {final['model']}", ""]
+    lines += _table(["", ""], summary)
+    lines += ["", "## Metrics (last evaluation)", ""]
+    lines += _table(["metric", "value", "majority-class baseline"],
+                    [(name, f"{value:.4f}", f"{baseline[name]:.4f}" if name in baseline else "-")
+                     for name, value in final["metrics"].items()])
+
+    modules = run["ranks"]["modules"]
+    lines += ["", "## Ranks of the adapted modules", ""]
+    if modules:
+        total_rank = sum(m["rank"] for m in modules)
+        total_eff = sum(m["effective_rank"] for m in modules)
+        if total_rank:
+            lines += [f"Effective rank / rank over all modules: {total_eff:.2f} / {total_rank} "
+                      f"= {100 * total_eff / total_rank:.1f}%.", ""]
+        lines += _table(["module", "rank", "effective rank"],
+                        [(m["module"], str(m["rank"]), f"{m['effective_rank']:.2f}") for m in modules])
+    else:
+        lines.append("No adapted modules (full fine-tuning or BitFit train the base weights directly).")
+
+    lines += ["", "## Figures", "",
+              f"![Figure 1 analogue: trainable parameters, total rank, module ranks and eval metric vs step]"
+              f"({fig1.relative_to(run_dir).as_posix()})", "",
+              f"![Figure 3 analogue: rank (red, outer) and effective rank (blue, inner) per layer and module type]"
+              f"({fig3.relative_to(run_dir).as_posix()})", ""]
+    path = run_dir / "report.md"
+    atomic_write(path, lambda p: p.write_text("\n".join(lines), encoding="utf-8"))
+    return path
+
+
+def compare_runs(run_dirs: Sequence[str | Path]) -> str:
+    """A Table 2-style markdown table: one row per method, one column per task (main metric x100), Avg.
+
+    Runs are grouped by method; two runs of the same method on the same task are an error. The
+    #Param cell averages initial / mean / final over the row's runs. A last row gives the
+    majority-class baseline of each task.
+    """
+    if not run_dirs:
+        raise ValueError("compare_runs needs at least one run directory")
+    by_method: dict[str, dict[str, dict]] = {}
+    sources: dict[tuple[str, str], Path] = {}
+    for run_dir in run_dirs:
+        final = read_run_file(run_dir, "final_metrics.json")
+        if final["main_metric"] not in final["metrics"]:
+            raise ValueError(f"{Path(run_dir) / 'final_metrics.json'}: main metric {final['main_metric']!r} "
+                             f"not among its metrics {sorted(final['metrics'])}: was the run ever evaluated?")
+        key = (final["method"], final["task"])
+        if key in sources:
+            raise ValueError(f"two runs of method {key[0]!r} on task {key[1]!r}: {sources[key]} and {run_dir}; "
+                             f"compare one run per method and task")
+        sources[key] = Path(run_dir)
+        by_method.setdefault(final["method"], {})[final["task"]] = final
+
+    tasks = sorted({task for runs in by_method.values() for task in runs})
+    main_of = {task: next(runs[task]["main_metric"] for runs in by_method.values() if task in runs)
+               for task in tasks}
+
+    def score_cells(scores: dict[str, float]) -> list[str]:
+        cells = [f"{100 * scores[t]:.2f}" if t in scores else "-" for t in tasks]
+        return cells + [f"{100 * sum(scores.values()) / len(scores):.2f}" if scores else "-"]
+
+    rows = []
+    for method, runs in by_method.items():
+        params = {k: sum(r["trainable_params"][k] for r in runs.values()) / len(runs)
+                  for k in ("initial", "mean", "final")}
+        scores = {t: r["metrics"][r["main_metric"]] for t, r in runs.items()}
+        rows.append([method, _params_cell(params)] + score_cells(scores))
+    majority = {}
+    for task in tasks:
+        baselines = [runs[task]["majority_baseline"] for runs in by_method.values() if task in runs]
+        if main_of[task] in baselines[0]:
+            majority[task] = baselines[0][main_of[task]]
+    if majority:
+        rows.append(["majority class", "-"] + score_cells(majority))
+
+    header = ["method", "#Param (initial / mean / final)"] + [f"{t.upper()} {main_of[t]}" for t in tasks] + ["Avg"]
+    footnote = ("Main metric x100. #Param: trainable parameters, averaged over the row's runs. "
+                "Avg: mean over the tasks present in the row; \"-\" marks a task not run with that method.")
+    return "\n".join(_table(header, rows) + ["", footnote]) + "\n"

@@ -1,0 +1,341 @@
+"""Fine-tune and evaluate one method on one GLUE task, writing a run directory (docs/run_directory.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .analysis import effective_rank
+from .io import atomic_write, write_json
+from .methods import METHODS, MethodOptions, MethodRun, prepare
+from .report import trainable_mean, write_report
+from .tasks.glue import TASKS, Example, find_split_files, load_glue_hub, read_split
+from .tasks.metrics import glue_metrics, main_metric, majority_baseline
+
+
+@dataclass
+class TrainOptions:
+    """Everything one run needs; ``config.json`` of the run directory is this, resolved."""
+
+    task: str
+    model: str
+    method: str = "aroma"
+    preset: str | None = None
+    data_dir: str | None = None
+    out: str | None = None
+    lr: float = 5e-4
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_seq_len: int = 128
+    epochs: float | None = None
+    max_steps: int | None = None
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    eval_steps: int = 200
+    seed: int = 0
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    progress: bool = True
+    method_options: MethodOptions = field(default_factory=MethodOptions)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def validate(opts: TrainOptions) -> None:
+    """Check options that need no file access; a bad value names the option."""
+    if opts.task not in TASKS:
+        raise ValueError(f"--task {opts.task!r} is unknown: expected one of {', '.join(TASKS)}")
+    if opts.method not in METHODS:
+        raise ValueError(f"--method {opts.method!r} is unknown: expected one of {', '.join(METHODS)}")
+    for name in ("lr",):
+        if not (isinstance(getattr(opts, name), (int, float)) and getattr(opts, name) > 0):
+            raise ValueError(f"--{name} must be > 0, got {getattr(opts, name)!r}")
+    for name in ("batch_size", "eval_batch_size", "max_seq_len", "eval_steps"):
+        if getattr(opts, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(opts, name)!r}")
+    if (opts.epochs is None) == (opts.max_steps is None):
+        raise ValueError("give exactly one of --epochs and --max-steps (a preset may set one)")
+
+
+def load_model_and_tokenizer(path: str, num_labels: int):
+    """A sequence classifier and its tokenizer from a local folder (or a hub id when online)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    local = Path(path)
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"--model {path}: no config.json in this folder")
+        tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+        if not any((local / f).is_file() for f in tokenizer_files):
+            raise FileNotFoundError(f"--model {path}: no tokenizer in this folder (looked for {', '.join(tokenizer_files)})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    except OSError as err:
+        raise FileNotFoundError(f"--model {path}: cannot load a model and tokenizer ({err})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def classifier_head_names(model) -> list[str]:
+    """The sequence-classification head(s) of a transformers model, trained in full by every method."""
+    names = [n for n in ("classifier", "score") if hasattr(model, n)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no 'classifier' or 'score' head; pass --modules-to-save")
+    return names
+
+
+def encode(tokenizer, examples, max_len: int) -> list[dict]:
+    a = [e.text_a for e in examples]
+    b = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_len)
+    return [{k: enc[k][i] for k in enc} | {"labels": examples[i].label} for i in range(len(examples))]
+
+
+def collate(tokenizer, rows: list[dict], regression: bool) -> dict:
+    feats = [{k: v for k, v in r.items() if k != "labels"} for r in rows]
+    batch = tokenizer.pad(feats, return_tensors="pt")
+    batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.float32 if regression else torch.long)
+    return dict(batch)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, rows: list[dict], task: str, batch_size: int) -> tuple[dict, list]:
+    regression = TASKS[task].num_labels == 1
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # similar lengths: less padding
+    preds = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = collate(tokenizer, [rows[i] for i in idx], regression)
+        batch.pop("labels")
+        logits = model(**batch).logits
+        out = logits.squeeze(-1) if regression else logits.argmax(-1)
+        for i, p in zip(idx, out.tolist()):
+            preds[i] = p
+    model.train()
+    labels = [r["labels"] for r in rows]
+    return glue_metrics(task, preds, labels), preds
+
+
+class RunWriter:
+    """Writes the run directory's files as training goes (docs/run_directory.md)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        except ImportError:  # tensorboard is a dependency; tolerate its absence in minimal installs
+            pass
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_scalar(tag, value, step)
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> dict:
+    """Train ``opts.method`` on ``opts.task`` and write the run directory; returns final_metrics.
+
+    ``splits`` (train and the task's eval splits) replaces reading ``opts.data_dir``.
+    """
+    validate(opts)
+    spec = TASKS[opts.task]
+    # Everything that can fail on bad input fails here, before any compute is spent.
+    if splits is not None:
+        pass
+    elif opts.data_dir is None:
+        splits = load_glue_hub(opts.task)
+    else:
+        files = find_split_files(opts.task, opts.data_dir)
+        splits = {s: read_split(opts.task, files[s]) for s in ("train",) + spec.eval_splits}
+    train_examples = splits["train"]
+    eval_splits = {s: splits[s] for s in spec.eval_splits}
+    if opts.train_limit:
+        train_examples = random.Random(opts.seed).sample(train_examples, min(opts.train_limit, len(train_examples)))
+    if opts.eval_limit:
+        eval_splits = {s: ex[:opts.eval_limit] for s, ex in eval_splits.items()}
+    _seed_everything(opts.seed)
+    base, tokenizer = load_model_and_tokenizer(opts.model, spec.num_labels)
+    mopts = opts.method_options
+    if not mopts.modules_to_save:
+        mopts = dataclasses.replace(mopts, modules_to_save=classifier_head_names(base))
+
+    steps_per_epoch = math.ceil(len(train_examples) / opts.batch_size)
+    max_steps = opts.max_steps or max(1, round(opts.epochs * steps_per_epoch))
+    warmup = min(opts.warmup_steps, max_steps - 1)
+    method_run = prepare(opts.method, base, mopts, max_steps=max_steps, warmup_steps=warmup, seed=opts.seed)
+    model = method_run.model
+
+    out = Path(opts.out or f"runs/{opts.task}-{opts.method}-{Path(opts.model).name}")
+    writer = RunWriter(out)
+    resolved = opts.to_dict() | {"method_options": dataclasses.asdict(mopts), "resolved_max_steps": max_steps,
+                                 "resolved_warmup_steps": warmup, "train_examples": len(train_examples),
+                                 "eval_examples": {s: len(e) for s, e in eval_splits.items()}}
+    write_json(out / "config.json", resolved)
+    (out / "metrics.jsonl").write_text("")
+
+    regression = spec.num_labels == 1
+    train_rows = encode(tokenizer, train_examples, opts.max_seq_len)
+    eval_rows = {s: encode(tokenizer, ex, opts.max_seq_len) for s, ex in eval_splits.items()}
+    baseline = majority_baseline(opts.task, [e.label for e in train_examples],
+                                 [e.label for e in eval_splits[spec.eval_splits[0]]])
+
+    optimizer = torch.optim.AdamW(method_run.parameters, lr=opts.lr, weight_decay=opts.weight_decay)
+    scheduler = method_run.make_scheduler(optimizer)
+    history = RankHistory(method_run)
+    metric_name = main_metric(opts.task)
+
+    model.train()
+    gen = torch.Generator().manual_seed(opts.seed)
+    step, finished, losses, step_times = 0, False, [], []
+    started = time.perf_counter()
+    last_eval = None
+    progress = _progress(max_steps, opts.progress)
+    while step < max_steps and not finished:
+        order = torch.randperm(len(train_rows), generator=gen).tolist()
+        for start in range(0, len(order), opts.batch_size):
+            t0 = time.perf_counter()
+            batch = collate(tokenizer, [train_rows[i] for i in order[start:start + opts.batch_size]], regression)
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            finished = method_run.after_step(step)
+            optimizer.zero_grad(set_to_none=True)
+            step_times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+            history.update(step)
+            writer.scalar("train/loss", losses[-1], step)
+            writer.scalar("train/learning_rate", optimizer.param_groups[0]["lr"], step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.3f}", rank=history.total_rank, trainable=history.trainable,
+                                 converged=history.converged(), refresh=False)
+            if step % opts.eval_steps == 0 or finished or step >= max_steps:
+                last_eval = _evaluate_all(model, tokenizer, eval_rows, opts, metric_name)
+                record = {"step": step, "metrics": last_eval, "main": last_eval[_main_key(opts.task, metric_name)],
+                          "trainable_params": history.trainable, "total_rank": history.total_rank}
+                writer.append_metrics(record)
+                for k, v in last_eval.items():
+                    writer.scalar(f"eval/{k}", v, step)
+                writer.scalar("train/trainable_params", history.trainable, step)
+                writer.scalar("train/total_rank", history.total_rank, step)
+                history.write(out / "rank_history.json")
+                method_run.save(out / "checkpoint")
+            if finished or step >= max_steps:
+                break
+    progress.close()
+    wall = time.perf_counter() - started
+
+    method_run.save(out)
+    history.write(out / "rank_history.json")
+    ranks = method_run.module_ranks()
+    updates = method_run.module_updates()
+    write_json(out / "ranks.json", {"modules": [
+        {"module": n, "rank": int(ranks.get(n, 0)), "effective_rank": effective_rank(updates[n]) if ranks.get(n) else 0.0}
+        for n in updates]})
+    final = {
+        "task": opts.task, "method": opts.method, "model": opts.model, "main_metric": _main_key(opts.task, metric_name),
+        "metrics": last_eval, "majority_baseline": baseline,
+        "trainable_params": history.summary(step), "total_rank": history.total_rank, "steps": step,
+        "stopped_early": step < max_steps, "wall_time_s": wall,
+        "mean_step_time_s": sum(step_times) / max(1, len(step_times)),
+    }
+    write_json(out / "final_metrics.json", final)
+    writer.close()
+    write_report(out)
+    return final
+
+
+def _main_key(task: str, metric_name: str) -> str:
+    return f"dev_matched_{metric_name}" if task == "mnli" else metric_name
+
+
+def _evaluate_all(model, tokenizer, eval_rows, opts, metric_name) -> dict:
+    merged = {}
+    for split, rows in eval_rows.items():
+        metrics, _ = evaluate(model, tokenizer, rows, opts.task, opts.eval_batch_size)
+        prefix = f"{split}_" if len(eval_rows) > 1 else ""
+        merged.update({prefix + k: v for k, v in metrics.items()})
+    return merged
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+class RankHistory:
+    """Step-function history of trainable parameters and per-module ranks (rank_history.json)."""
+
+    def __init__(self, method_run: MethodRun):
+        self.run = method_run
+        self.modules = list(method_run.module_ranks())
+        self.entries: list[dict] = []
+        self.update(0)
+
+    @property
+    def trainable(self) -> int:
+        return self.entries[-1]["trainable_params"]
+
+    @property
+    def total_rank(self) -> int:
+        return self.entries[-1]["total_rank"]
+
+    def converged(self) -> str:
+        c = self.run.controller
+        if c is None:
+            return "-"
+        return f"{sum(m.converged for m in c.loop.modules)}/{len(c.loop.modules)}"
+
+    def update(self, step: int) -> None:
+        c = self.run.controller
+        if c is not None:  # the controller records its own transitions
+            self.entries = [dict(h) for h in c.history]
+            return
+        if self.run.method != "adalora" and self.entries:
+            return  # constant for LoRA, DoRA, full and BitFit
+        ranks = self.run.module_ranks()
+        entry = {"step": step, "trainable_params": self.run.trainable_count(),
+                 "total_rank": sum(ranks.values()), "ranks": [ranks[n] for n in self.modules]}
+        if not self.entries or any(entry[k] != self.entries[-1][k] for k in ("trainable_params", "ranks")):
+            self.entries.append(entry)
+
+    def summary(self, final_step: int) -> dict:
+        """Initial, step-weighted mean over the steps run, and final trainable counts."""
+        mean = trainable_mean(self.entries, final_step) if final_step else float(self.entries[0]["trainable_params"])
+        return {"initial": self.entries[0]["trainable_params"], "mean": mean, "final": self.entries[-1]["trainable_params"]}
+
+    def write(self, path: Path) -> None:
+        write_json(path, {"modules": self.modules, "history": self.entries})
