@@ -201,7 +201,9 @@ def export_lora(model, directory: str | Path) -> None:
     )
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    write_json(directory / "adapter_config.json", lora_config.to_dict() | {"peft_type": "LORA"})
+    # LoraConfig holds target_modules as a set; JSON has lists (PEFT's own save_pretrained converts too).
+    config_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.to_dict().items()}
+    write_json(directory / "adapter_config.json", config_dict | {"peft_type": "LORA"})
     _check_export(directory, tensors, rank_pattern, alpha_pattern)
 
 
