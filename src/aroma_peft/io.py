@@ -106,7 +106,7 @@ def _expect(tensors: dict, key: str, shape: tuple, path: Path) -> torch.Tensor:
 
 def load_adapter(model, directory: str | Path):
     """Wrap ``model`` (the original base) and load an adapter written by ``save_adapter``."""
-    from .model import AromaModel
+    from .model import AromaModel, _find_modules_to_save as _modules_to_save_names, find_target_modules
 
     directory = Path(directory)
     meta_path, weights_path = directory / ADAPTER_META, directory / ADAPTER_WEIGHTS
@@ -121,25 +121,38 @@ def load_adapter(model, directory: str | Path):
     if meta.get("weights_sha256") != _sha256(weights_path):
         raise ValueError(f"{weights_path}: content does not match the sha256 recorded in {meta_path} "
                          "(the file was changed or only partly written)")
-    aroma = AromaModel(model, config)
-    layers = aroma.aroma_layers
-    if set(layers) != set(meta["modules"]):
-        missing = sorted(set(meta["modules"]) - set(layers))
-        extra = sorted(set(layers) - set(meta["modules"]))
+    # Check every tensor against the model before touching it: a failed load leaves the model as it was.
+    targets = find_target_modules(model, config)
+    if set(targets) != set(meta["modules"]):
+        missing = sorted(set(meta["modules"]) - set(targets))
+        extra = sorted(set(targets) - set(meta["modules"]))
         raise ValueError(f"{meta_path}: adapter modules do not match the model (in the file only: {missing[:5]}, "
                          f"in the model only: {extra[:5]})")
+    checked = {}
+    for name in targets:
+        w = model.get_submodule(name).weight
+        n_in, n_out = (w.shape[1], w.shape[0]) if isinstance(model.get_submodule(name), torch.nn.Linear) else w.shape
+        rank = int(meta["modules"][name]["rank"])
+        checked[name] = [_expect(tensors, f"{name}.{key}", shape, weights_path) for key, shape in (
+            ("lora_A", (config.r, n_in)), ("lora_B", (n_out, config.r)),
+            ("merged_A", (rank, n_in)), ("merged_B", (n_out, rank)))]
+    saved = {}
+    for head in _modules_to_save_names(model, config):
+        for pname, param in model.get_submodule(head).named_parameters():
+            key = f"{head}.{pname}"
+            saved[key] = _expect(tensors, f"modules_to_save.{key}", param.shape, weights_path)
+
+    aroma = AromaModel(model, config)
     with torch.no_grad():
-        for name, layer in layers.items():
-            rank = int(meta["modules"][name]["rank"])
-            layer.lora_A.copy_(_expect(tensors, f"{name}.lora_A", layer.lora_A.shape, weights_path))
-            layer.lora_B.copy_(_expect(tensors, f"{name}.lora_B", layer.lora_B.shape, weights_path))
-            merged_a = _expect(tensors, f"{name}.merged_A", (rank, layer.in_features), weights_path)
-            merged_b = _expect(tensors, f"{name}.merged_B", (layer.out_features, rank), weights_path)
-            for k in range(0, rank, layer.r):  # one component at a time: the same fp32 rounding as training
+        for name, layer in aroma.aroma_layers.items():
+            lora_a, lora_b, merged_a, merged_b = checked[name]
+            layer.lora_A.copy_(lora_a)
+            layer.lora_B.copy_(lora_b)
+            for k in range(0, merged_a.shape[0], layer.r):  # one component at a time: the same fp32 rounding as training
                 layer.append_merged(merged_b[:, k:k + layer.r], merged_a[k:k + layer.r])
             layer.set_active(bool(meta["modules"][name]["active"]))
         for key, param in aroma.modules_to_save_state().items():
-            param.copy_(_expect(tensors, f"modules_to_save.{key}", param.shape, weights_path))
+            param.copy_(saved[key])
     return aroma
 
 
