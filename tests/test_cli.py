@@ -1,0 +1,155 @@
+"""The ``aroma`` command line end to end on a tiny random-initialized model saved with a tokenizer."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_bert
+from transformers import AutoModelForSequenceClassification, BertTokenizerFast
+
+from aroma_peft.cli import main
+
+WORDS = "the a cat dog sat ran on under mat log big small red blue quickly slowly".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    tiny_bert().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def mrpc_dir(tmp_path_factory):
+    """MRPC-format files: label 1 iff both sentences name the same animal (learnable)."""
+    d = tmp_path_factory.mktemp("mrpc")
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 96), ("dev", 32)):
+        lines = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+        for i in range(n):
+            a, b = (["cat", "dog"][int(torch.randint(2, (1,), generator=g))] for _ in range(2))
+            lines.append(f"{int(a == b)}\t{i}\t{i + 1000}\tthe {a} sat on the mat\ta {b} ran under the log")
+        (d / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return d
+
+
+def train(model_dir, data_dir, out, method="aroma", *extra):
+    argv = ["train", "glue", "--task", "mrpc", "--model", str(model_dir), "--method", method, "--data-dir",
+            str(data_dir), "--out", str(out), "--max-steps", "12", "--eval-steps", "6", "--batch-size", "16",
+            "--warmup-steps", "2", "--lr", "5e-3", "--no-progress", *extra]
+    return main(argv)
+
+
+@pytest.mark.parametrize("method", ["aroma", "relora", "lora", "dora", "adalora", "full", "bitfit"])
+def test_train_writes_the_run_directory(model_dir, mrpc_dir, tmp_path, method):
+    extra = ["--max-inner-steps", "4", "--check-interval", "2"] if method in ("aroma", "relora") else []
+    if method == "adalora":
+        extra = ["--tinit", "2", "--tfinal", "4", "--delta-t", "2"]
+    assert train(model_dir, mrpc_dir, tmp_path / "run", method, *extra) == 0
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "rank_history.json", "ranks.json", "final_metrics.json", "report.md",
+                 "figures/fig1_training.png", "figures/fig3_rank_distribution.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["method"] == method and final["steps"] <= 12 and set(final["metrics"]) == {"accuracy", "f1"}
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == ([6, 12] if final["steps"] == 12 else [6, final["steps"]])
+    config = json.loads((run / "config.json").read_text())
+    assert config["lr"] == 5e-3 and config["resolved_max_steps"] == 12
+    ranks = json.loads((run / "ranks.json").read_text())["modules"]
+    assert (len(ranks) == 12) == (method not in ("full", "bitfit"))
+
+
+def test_preset_then_overrides(model_dir, mrpc_dir, tmp_path):
+    assert train(model_dir, mrpc_dir, tmp_path / "run", "aroma", "--preset", "small-cpu", "--eps-out", "0.02") == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["preset"] == "small-cpu"
+    assert config["method_options"]["eps_out"] == 0.02  # command line beats the preset
+    assert config["method_options"]["max_inner_steps"] == 60  # from the preset
+    assert config["max_steps"] == 12 and config["epochs"] is None
+
+
+def test_report_compare_and_exports(model_dir, mrpc_dir, tmp_path, capsys):
+    aroma, lora = tmp_path / "aroma", tmp_path / "lora"
+    assert train(model_dir, mrpc_dir, aroma, "aroma", "--max-inner-steps", "4", "--check-interval", "2") == 0
+    assert train(model_dir, mrpc_dir, lora, "lora", "--r", "8") == 0
+    (aroma / "report.md").unlink()
+    assert main(["report", str(aroma)]) == 0 and (aroma / "report.md").is_file()
+    capsys.readouterr()
+    assert main(["compare", str(aroma), str(lora), "--out", str(tmp_path / "table.md")]) == 0
+    table = capsys.readouterr().out
+    assert "aroma" in table and "lora" in table and (tmp_path / "table.md").read_text().strip() == table.strip()
+
+    # The merged export and the LoRA export both reproduce the trained AROMA model's logits.
+    from peft import PeftModel
+
+    from aroma_peft.model import AromaModel
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
+    trained = AromaModel.from_pretrained(base, aroma / "adapter").eval()
+    ids = torch.tensor([[2, 5, 7, 9, 3, 5, 8, 10, 3]])
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+    assert main(["export", str(aroma), str(tmp_path / "merged"), "--format", "merged"]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert main(["export", str(aroma), str(tmp_path / "lora-export"), "--format", "lora"]) == 0
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2), tmp_path / "lora-export").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_missing_data_file_is_named(model_dir, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    assert train(model_dir, tmp_path / "data", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "aroma: error:" in err and "train" in err and str(tmp_path / "data") in err
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_malformed_row_is_named_with_its_line(model_dir, mrpc_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.tsv").write_text((mrpc_dir / "train.tsv").read_text(encoding="utf-8") + "1\tonly three\tcolumns\n",
+                                   encoding="utf-8")
+    (bad / "dev.tsv").write_text((mrpc_dir / "dev.tsv").read_text(encoding="utf-8"), encoding="utf-8")
+    assert train(model_dir, bad, tmp_path / "run") == 2
+    assert f"{bad / 'train.tsv'}, line 98: expected 5 tab-separated columns" in capsys.readouterr().err
+
+
+def test_model_folder_without_tokenizer(mrpc_dir, tmp_path, capsys):
+    d = tmp_path / "no-tok"
+    tiny_bert().save_pretrained(d)
+    assert train(d, mrpc_dir, tmp_path / "run") == 2
+    assert "no tokenizer in this folder" in capsys.readouterr().err
+
+
+def test_preset_that_does_not_fit_the_model(model_dir, mrpc_dir, tmp_path, capsys):
+    assert train(model_dir, mrpc_dir, tmp_path / "run", "aroma", "--preset", "roberta-base") == 2
+    assert "--preset roberta-base does not fit this model" in capsys.readouterr().err
+
+
+def test_unknown_task_and_method_are_rejected_by_the_parser(model_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "glue", "--task", "wnli", "--model", str(model_dir)])
+    assert "invalid choice: 'wnli'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "glue", "--task", "rte", "--model", str(model_dir), "--method", "vera"])
+    assert "invalid choice: 'vera'" in capsys.readouterr().err
+
+
+def test_export_lora_of_a_method_without_one(model_dir, mrpc_dir, tmp_path, capsys):
+    assert train(model_dir, mrpc_dir, tmp_path / "run", "bitfit") == 0
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "x"), "--format", "lora"]) == 2
+    assert "a bitfit run has no standard LoRA adapter" in capsys.readouterr().err
+
+
+def test_python_dash_m_help():
+    out = subprocess.run([sys.executable, "-m", "aroma_peft", "train", "glue", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--eps-out" in out.stdout and "--preset" in out.stdout
