@@ -162,3 +162,24 @@ def test_controller_needs_max_steps_and_an_aroma_model():
         AromaController(model, max_steps=50)
     with pytest.raises(TypeError, match="needs the AromaModel"):
         AromaController(tiny_bert(), max_steps=500)
+
+
+def test_eq6_is_relative_to_the_weight_norm():
+    # eq. (6) divides by ||W0 + s B A||_F: the same component on a base twice as large has half the
+    # ratio, so eps_out must be set per model (docs/algorithm.md, "Setting eps_out").
+    from aroma_peft import AromaLinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 16, bias=False)
+    ratios = []
+    for scale in (1.0, 2.0):
+        lin = torch.nn.Linear(24, 16, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(base.weight * scale)
+        layer = AromaLinear(lin, r=1, alpha=4.0, seed=3)
+        with torch.no_grad():
+            layer.lora_B.fill_(0.01)
+        ratios.append(layer.outer_ratio().item())
+        expected = 4.0 * torch.linalg.norm(layer.lora_B @ layer.lora_A) / torch.linalg.norm(base.weight * scale)
+        assert ratios[-1] == pytest.approx(expected.item(), rel=1e-6)
+    assert ratios[1] == pytest.approx(ratios[0] / 2, rel=1e-6)
