@@ -1,0 +1,14 @@
+PYTHON ?= .venv/bin/python
+
+# Step time of every variant side by side (RoBERTa-base shape, then MiniLM), then the controller overhead.
+bench:
+	$(PYTHON) benchmarks/step_time.py --model roberta-base-shape --steps 8 --warmup 2
+	$(PYTHON) benchmarks/step_time.py --model minilm --steps 20 --warmup 3
+	$(PYTHON) benchmarks/controller_overhead.py --model minilm
+
+# Peak RSS of every variant, each in its own process.
+bench-memory:
+	$(PYTHON) benchmarks/step_time.py --model roberta-base-shape --memory --steps 2 --warmup 1
+	$(PYTHON) benchmarks/step_time.py --model minilm --memory --steps 3 --warmup 1
+
+.PHONY: bench bench-memory
