@@ -321,8 +321,8 @@ class RankHistory:
 
     def update(self, step: int) -> None:
         c = self.run.controller
-        if c is not None:  # the controller records its own transitions
-            self.entries = [dict(h) for h in c.history]
+        if c is not None:  # the controller records its own transitions: adopt the new ones
+            self.entries.extend(c.history[len(self.entries):])
             return
         if self.run.method != "adalora" and self.entries:
             return  # constant for LoRA, DoRA, full and BitFit
