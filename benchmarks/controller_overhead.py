@@ -166,7 +166,7 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=["minilm", "tiny"], default="minilm")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--max-steps", type=int, default=600, help="T")
     p.add_argument("--max-inner-steps", type=int, default=60, help="T_in")
     p.add_argument("--check-interval", type=int, default=10, help="ΔT_in")
