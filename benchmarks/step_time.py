@@ -359,6 +359,8 @@ def run_memory(args) -> dict:
         cmd = [sys.executable, __file__, "--model", args.model, "--only", name, "--report-rss",
                "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{name}: peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB", flush=True)
@@ -396,6 +398,7 @@ def parse_args(argv=None):
     p.add_argument("--memory", action="store_true", help="peak RSS of each variant, each in its own process")
     p.add_argument("--only", choices=VARIANTS, help="(with --report-rss) run one variant alone")
     p.add_argument("--report-rss", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -410,6 +413,8 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     warnings.filterwarnings("ignore")
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.only:
         run_child(args)
     elif args.memory:
