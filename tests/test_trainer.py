@@ -1,9 +1,11 @@
 """The Hugging Face Trainer callback drives the controller and its schedule, and stops the Trainer."""
 
+import functools
+
 import pytest
 import torch
 from conftest import synthetic_batches, tiny_bert
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from aroma_peft import AromaConfig, AromaController, get_aroma_model, lr_factor
 from aroma_peft.integrations.trainer import AromaCallback
@@ -64,3 +66,68 @@ def test_trainer_with_another_scheduler_is_refused(tmp_path):
     trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: 1.0)
     with pytest.raises(ValueError, match="not the controller's AromaLRSchedule"):
         trainer.train()
+
+
+def resumable_trainer(out, max_steps=45, save_steps=25, poison_step=None):
+    config = AromaConfig(target_modules=["query", "value", "intermediate.dense"], modules_to_save=["classifier"],
+                         max_steps=max_steps, check_interval=5, max_inner_steps=10, eps_out=0.05,
+                         warmup_steps=4, restart_warmup_steps=2, train_heads_after_convergence=False)
+    model = get_aroma_model(tiny_bert(), config)
+    if poison_step is not None:  # the loss of the poison_step-th training forward is NaN
+        forward, calls = model.forward, []
+
+        @functools.wraps(forward)  # the Trainer reads the signature to pick dataset columns
+        def poisoned(**batch):
+            out = forward(**batch)
+            calls.append(1)
+            if len(calls) == poison_step:
+                out.loss = out.loss * float("nan")
+            return out
+        model.forward = poisoned
+    controller = AromaController(model)
+    optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+    scheduler = controller.attach_optimizer(optimizer)
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=16, max_steps=max_steps,
+                             logging_steps=1, save_strategy="steps", save_steps=save_steps, report_to=[],
+                             use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(rows(8)),
+                      optimizers=(optimizer, scheduler), callbacks=[AromaCallback(controller)])
+    return trainer, controller
+
+
+def test_resume_from_a_trainer_checkpoint_continues_the_same_inner_loop(tmp_path):
+    ref, ref_ctrl = resumable_trainer(tmp_path / "ref")
+    ref.train()
+    merges = [h["step"] for h in ref_ctrl.history[1:]]
+    assert merges and merges[0] == 10 and merges[-1] > 25  # decisions on both sides of the checkpoint
+    checkpoint = tmp_path / "ref" / "checkpoint-25"
+    assert checkpoint.is_dir()
+
+    resumed, ctrl = resumable_trainer(tmp_path / "resumed")
+    assert ctrl.loop.step_count == 0
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert ctrl.loop.inner_step == ref_ctrl.loop.inner_step
+    assert ctrl.history == ref_ctrl.history
+    assert ctrl.loop.state_dict() == ref_ctrl.loop.state_dict()
+    ref_state, state = ref_ctrl.model.state_dict(), ctrl.model.state_dict()
+    for k in ref_state:
+        assert torch.equal(ref_state[k], state[k]), k
+
+
+def test_a_nan_gradient_in_the_trainer_skips_the_step(tmp_path):
+    trainer, controller = resumable_trainer(tmp_path, max_steps=12, save_steps=100, poison_step=3)
+    seen = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen[state.global_step] = [p.detach().clone() for p in controller.model.adapter_parameters()]
+
+    trainer.add_callback(Snapshot())
+    with pytest.warns(RuntimeWarning, match="non-finite gradient .* at step 3: step skipped"):
+        trainer.train()
+    assert controller.nonfinite.skipped == [3]
+    assert controller.loop.step_count == trainer.state.global_step - 1 == 11
+    assert controller.scheduler.last_epoch == 11
+    assert all(torch.equal(a, b) for a, b in zip(seen[2], seen[3]))  # the skipped step moved nothing
+    assert not all(torch.equal(a, b) for a, b in zip(seen[3], seen[4]))
+    assert all(torch.isfinite(p).all() for p in controller.model.adapter_parameters())

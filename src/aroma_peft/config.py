@@ -59,6 +59,9 @@ class AromaConfig:
             ``modules_to_save`` is not empty, keep training those heads alone until T instead of
             stopping (see docs/algorithm.md).
         seed: seeds every random choice of the controller (re-initializations, reset masks).
+        max_nonfinite_steps: how many optimizer steps with a non-finite loss or gradient may be
+            skipped (``AromaController.skip_nonfinite_step``) before the run stops with
+            ``FloatingPointError``; 0: the first one stops it.
     """
 
     target_modules: TargetModules = "all-linear"
@@ -77,6 +80,7 @@ class AromaConfig:
     prune_ratio: float = 0.999
     train_heads_after_convergence: bool = True
     seed: int = 0
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:
         tm = self.target_modules
@@ -119,6 +123,7 @@ class AromaConfig:
         nonneg_int("warmup_steps", self.warmup_steps)
         nonneg_int("restart_warmup_steps", self.restart_warmup_steps)
         nonneg_int("seed", self.seed)
+        nonneg_int("max_nonfinite_steps", self.max_nonfinite_steps)
         if self.max_inner_steps < self.check_interval:
             _fail("max_inner_steps", self.max_inner_steps,
                   f"at least check_interval={self.check_interval}, or no inner check could ever run")

@@ -6,7 +6,10 @@ Plain PyTorch loop::
     optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-4)
     controller = AromaController(model, optimizer)
     for batch in loader:
-        model(**batch).loss.backward()
+        loss = model(**batch).loss
+        loss.backward()
+        if controller.skip_nonfinite_step(loss):   # NaN/inf: skip, count, raise past max_nonfinite_steps
+            optimizer.zero_grad(); continue
         optimizer.step(); controller.scheduler.step(); optimizer.zero_grad()
         if controller.step():          # Check & Merge & Reinit & Reset, after the optimizer step
             break
@@ -17,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .dual_loop import Decision, DualLoop
+from .faults import NonFiniteGuard
 from .layer import derived_seed
 from .model import AromaModel
 from .reset import drop_optimizer_state, reset_optimizer_state
@@ -50,6 +54,8 @@ class AromaController:
                              max_inner_steps=config.max_inner_steps, eps_out=config.eps_out,
                              max_steps=self.max_steps, stop_when_converged=not heads_remain)
         self.history: list[dict] = []
+        self.nonfinite = NonFiniteGuard(config.max_nonfinite_steps)
+        self.skipping = False  # the current step was skipped: step() and the schedule do not advance
         self.optimizer = None
         self.scheduler = None
         if optimizer is not None:
@@ -73,8 +79,23 @@ class AromaController:
         return lr_factor(step, max_steps=self.max_steps, warmup_steps=c.warmup_steps,
                          restart_step=self.loop.restart_step, restart_warmup_steps=c.restart_warmup_steps)
 
+    def skip_nonfinite_step(self, loss: torch.Tensor | None = None) -> bool:
+        """Call after ``backward()``, before ``optimizer.step()``: True when the step must be skipped.
+
+        The step is skipped when ``loss`` or a gradient of ``adapter_parameters()`` is NaN or inf
+        (on any process of a distributed run: every process must call this at every step). The
+        gradients are then cleared, and the following ``scheduler.step()`` and ``step()`` do
+        nothing, so a skipped step takes no check and merges nothing. Past
+        ``AromaConfig.max_nonfinite_steps`` skipped steps it raises ``FloatingPointError``.
+        """
+        self.skipping = self.nonfinite.check(self.model.adapter_parameters(), loss, step=self.loop.step_count + 1)
+        return self.skipping
+
     def step(self) -> bool:
         """Call once after every ``optimizer.step()``. Returns True when training is finished."""
+        if self.skipping:
+            self.skipping = False
+            return self.finished
         decision = self.loop.step(self._norms, self._ratios)
         self._apply(decision)
         return decision.finished
@@ -156,7 +177,7 @@ class AromaController:
     def state_dict(self) -> dict:
         """JSON-serializable state: the dual loop, T, the module names and the history."""
         return {"loop": self.loop.state_dict(), "max_steps": self.max_steps, "modules": self.names,
-                "history": self.history}
+                "history": self.history, "nonfinite": self.nonfinite.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a saved state; the model's layers must already hold the matching adapter."""
@@ -166,6 +187,7 @@ class AromaController:
         self.loop.max_steps = self.max_steps
         self.loop.load_state_dict(state["loop"])
         self.history = list(state["history"])
+        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
         for layer, m in zip(self.layers, self.loop.modules):
             layer.set_active(m.active)
         if self.scheduler is not None:

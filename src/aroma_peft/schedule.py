@@ -35,6 +35,11 @@ class AromaLRSchedule(LRScheduler):
         self.controller = controller
         super().__init__(optimizer)
 
+    def step(self, epoch=None) -> None:
+        if getattr(self.controller, "skipping", False):
+            return  # a step skipped for a non-finite gradient is not a step of the schedule
+        super().step(epoch)
+
     def get_lr(self) -> list[float]:
         f = self.controller.lr_factor(self.last_epoch)
         return [base * f for base in self.base_lrs]
