@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import AromaConfig
+from .layer import copy_full_, full_tensor
 
 ADAPTER_WEIGHTS = "aroma_adapter.safetensors"
 ADAPTER_META = "aroma_adapter.json"
@@ -81,7 +82,7 @@ def save_adapter(model, directory: str | Path, controller=None) -> None:
         modules[name] = {"rank": layer.rank, "active": layer.active}
     for key, value in model.modules_to_save_state().items():
         tensors[f"modules_to_save.{key}"] = value
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    tensors = {k: full_tensor(v.detach()).to("cpu").contiguous() for k, v in tensors.items()}
     weights = directory / ADAPTER_WEIGHTS
     atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     if controller is not None:
@@ -104,11 +105,8 @@ def _expect(tensors: dict, key: str, shape: tuple, path: Path) -> torch.Tensor:
     return t
 
 
-def load_adapter(model, directory: str | Path):
-    """Wrap ``model`` (the original base) and load an adapter written by ``save_adapter``."""
-    from .model import AromaModel, _find_modules_to_save as _modules_to_save_names, find_target_modules
-
-    directory = Path(directory)
+def _read_adapter(directory: Path) -> tuple[dict, AromaConfig, dict[str, torch.Tensor], Path]:
+    """Metadata, config and tensors of a saved adapter, the weights checked against their sha256."""
     meta_path, weights_path = directory / ADAPTER_META, directory / ADAPTER_WEIGHTS
     meta = _read_json(meta_path)
     if meta.get("format_version") != FORMAT_VERSION:
@@ -121,39 +119,79 @@ def load_adapter(model, directory: str | Path):
     if meta.get("weights_sha256") != _sha256(weights_path):
         raise ValueError(f"{weights_path}: content does not match the sha256 recorded in {meta_path} "
                          "(the file was changed or only partly written)")
-    # Check every tensor against the model before touching it: a failed load leaves the model as it was.
-    targets = find_target_modules(model, config)
-    if set(targets) != set(meta["modules"]):
-        missing = sorted(set(meta["modules"]) - set(targets))
-        extra = sorted(set(targets) - set(meta["modules"]))
+    return meta, config, tensors, weights_path
+
+
+def _check_modules(meta: dict, names: list[str], meta_path: Path) -> None:
+    if set(names) != set(meta["modules"]):
+        missing = sorted(set(meta["modules"]) - set(names))
+        extra = sorted(set(names) - set(meta["modules"]))
         raise ValueError(f"{meta_path}: adapter modules do not match the model (in the file only: {missing[:5]}, "
                          f"in the model only: {extra[:5]})")
+
+
+def _checked_factors(tensors: dict, meta: dict, name: str, r: int, n_in: int, n_out: int, path: Path) -> list:
+    rank = int(meta["modules"][name]["rank"])
+    return [_expect(tensors, f"{name}.{key}", shape, path) for key, shape in (
+        ("lora_A", (r, n_in)), ("lora_B", (n_out, r)), ("merged_A", (rank, n_in)), ("merged_B", (n_out, rank)))]
+
+
+@torch.no_grad()
+def _apply(aroma, meta: dict, checked: dict, saved: dict) -> None:
+    """Write checked tensors into a freshly wrapped ``AromaModel`` (no component merged yet)."""
+    for name, layer in aroma.aroma_layers.items():
+        lora_a, lora_b, merged_a, merged_b = checked[name]
+        copy_full_(layer.lora_A, lora_a)
+        copy_full_(layer.lora_B, lora_b)
+        for k in range(0, merged_a.shape[0], layer.r):  # one component at a time: the same fp32 rounding as training
+            layer.append_merged(merged_b[:, k:k + layer.r], merged_a[k:k + layer.r])
+        layer.set_active(bool(meta["modules"][name]["active"]))
+    for key, param in aroma.modules_to_save_state().items():
+        copy_full_(param, saved[key])
+
+
+def load_adapter(model, directory: str | Path):
+    """Wrap ``model`` (the original base) and load an adapter written by ``save_adapter``."""
+    from .model import AromaModel, _find_modules_to_save as _modules_to_save_names, find_target_modules
+
+    directory = Path(directory)
+    meta, config, tensors, weights_path = _read_adapter(directory)
+    # Check every tensor against the model before touching it: a failed load leaves the model as it was.
+    targets = find_target_modules(model, config)
+    _check_modules(meta, targets, directory / ADAPTER_META)
     checked = {}
     for name in targets:
         w = model.get_submodule(name).weight
         n_in, n_out = (w.shape[1], w.shape[0]) if isinstance(model.get_submodule(name), torch.nn.Linear) else w.shape
-        rank = int(meta["modules"][name]["rank"])
-        checked[name] = [_expect(tensors, f"{name}.{key}", shape, weights_path) for key, shape in (
-            ("lora_A", (config.r, n_in)), ("lora_B", (n_out, config.r)),
-            ("merged_A", (rank, n_in)), ("merged_B", (n_out, rank)))]
+        checked[name] = _checked_factors(tensors, meta, name, config.r, n_in, n_out, weights_path)
     saved = {}
     for head in _modules_to_save_names(model, config):
         for pname, param in model.get_submodule(head).named_parameters():
             key = f"{head}.{pname}"
             saved[key] = _expect(tensors, f"modules_to_save.{key}", param.shape, weights_path)
-
     aroma = AromaModel(model, config)
-    with torch.no_grad():
-        for name, layer in aroma.aroma_layers.items():
-            lora_a, lora_b, merged_a, merged_b = checked[name]
-            layer.lora_A.copy_(lora_a)
-            layer.lora_B.copy_(lora_b)
-            for k in range(0, merged_a.shape[0], layer.r):  # one component at a time: the same fp32 rounding as training
-                layer.append_merged(merged_b[:, k:k + layer.r], merged_a[k:k + layer.r])
-            layer.set_active(bool(meta["modules"][name]["active"]))
-        for key, param in aroma.modules_to_save_state().items():
-            param.copy_(saved[key])
+    _apply(aroma, meta, checked, saved)
     return aroma
+
+
+def load_adapter_into(aroma, directory: str | Path) -> None:
+    """Load a saved adapter into ``aroma``, an ``AromaModel`` just built with the same config
+    (to resume a run). Everything is checked before the model is touched."""
+    directory = Path(directory)
+    meta, config, tensors, weights_path = _read_adapter(directory)
+    if any(layer.rank for layer in aroma.aroma_layers.values()):
+        raise ValueError("load_adapter_into needs a freshly wrapped model: this one already merged components")
+    ours = aroma.aroma_config.to_dict()
+    for key, value in config.to_dict().items():
+        if ours.get(key) != value:
+            raise ValueError(f"{directory / ADAPTER_META}: AromaConfig.{key}={value!r} in the file, "
+                             f"{ours.get(key)!r} in this model; resume with the same configuration")
+    _check_modules(meta, list(aroma.aroma_layers), directory / ADAPTER_META)
+    checked = {name: _checked_factors(tensors, meta, name, layer.r, layer.in_features, layer.out_features, weights_path)
+               for name, layer in aroma.aroma_layers.items()}
+    saved = {key: _expect(tensors, f"modules_to_save.{key}", tuple(p.shape), weights_path)
+             for key, p in aroma.modules_to_save_state().items()}
+    _apply(aroma, meta, checked, saved)
 
 
 def load_controller_state(directory: str | Path) -> dict:
@@ -161,13 +199,68 @@ def load_controller_state(directory: str | Path) -> dict:
     return _read_json(Path(directory) / CONTROLLER_STATE)
 
 
+# ---------------------------------------------------------------------- optimizer and schedule (resume)
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+TRAINING_STATE = "training_state.json"
+
+
+def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer, scheduler=None,
+                        extra: dict | None = None, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the optimizer's and the scheduler's state, with ``extra`` (JSON) and ``tensors`` (RNG
+    states, say), as ``optimizer.safetensors`` + ``training_state.json``: no pickle."""
+    directory = Path(directory)
+    state = optimizer.state_dict()
+    flat, numbers = {}, {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                flat[f"state.{idx}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                numbers[f"{idx}.{key}"] = value
+    for key, value in (tensors or {}).items():
+        flat[f"extra.{key}"] = value.detach().to("cpu").contiguous()
+    atomic_write(directory / OPTIMIZER_TENSORS, lambda p: save_file(flat, str(p), metadata={"format": "pt"}))
+    write_json(directory / TRAINING_STATE, {
+        "param_groups": state["param_groups"], "state_numbers": numbers,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "tensors_sha256": _sha256(directory / OPTIMIZER_TENSORS), "extra": extra or {}})
+
+
+def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
+                        scheduler=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore what ``save_training_state`` wrote; returns its ``extra`` and ``tensors``."""
+    directory = Path(directory)
+    meta = _read_json(directory / TRAINING_STATE)
+    flat = _read_safetensors(directory / OPTIMIZER_TENSORS)
+    if meta.get("tensors_sha256") != _sha256(directory / OPTIMIZER_TENSORS):
+        raise ValueError(f"{directory / OPTIMIZER_TENSORS}: content does not match the sha256 recorded in "
+                         f"{directory / TRAINING_STATE}")
+    state: dict = {}
+    for key, value in flat.items():
+        if key.startswith("state."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["state_numbers"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    if sum(len(g["params"]) for g in meta["param_groups"]) != n_params:
+        raise ValueError(f"{directory / TRAINING_STATE}: the optimizer state is for "
+                         f"{sum(len(g['params']) for g in meta['param_groups'])} parameters, this optimizer has {n_params}")
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if scheduler is not None and meta.get("scheduler") is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    extra_tensors = {k[len("extra."):]: v for k, v in flat.items() if k.startswith("extra.")}
+    return meta["extra"], extra_tensors
+
+
 # ---------------------------------------------------------------------- PEFT LoRA export
 def lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of the layer's whole update, merged components then the live one (if active)."""
     a, b = layer.merged_A, layer.merged_B
     if layer.active:
-        a = torch.cat([a, layer.lora_A.detach()], dim=0)
-        b = torch.cat([b, layer.lora_B.detach()], dim=1)
+        a = torch.cat([a, full_tensor(layer.lora_A.detach())], dim=0)
+        b = torch.cat([b, full_tensor(layer.lora_B.detach())], dim=1)
     return a, b
 
 

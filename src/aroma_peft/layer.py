@@ -24,6 +24,30 @@ def derived_seed(*parts: int) -> int:
     return h % (1 << 63)
 
 
+# FSDP2 (``fully_shard``) turns parameters into DTensors, each process holding a shard. These
+# helpers let the layer read whole factors and write whole updates without caring which it has;
+# every process computes the same whole tensor, so each can cut its own shard (no communication).
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every shard for a DTensor, ``t`` itself otherwise."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(ref: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out like ``ref``: cut into ``ref``'s shards when ``ref`` is a DTensor."""
+    whole = whole.to(device=ref.device, dtype=ref.dtype)
+    if not hasattr(ref, "device_mesh"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+@torch.no_grad()
+def copy_full_(dst: torch.Tensor, whole: torch.Tensor) -> None:
+    """``dst <- whole`` (``whole`` is the same on every process)."""
+    dst.copy_(_like(dst, whole))
+
+
 class AromaLinear(nn.Module):
     """``W0 x + bias + s (B_{p-1} A_{p-1}) x + s (b_p a_p) x`` with ``s = alpha / r`` (paper eq. 4).
 
@@ -94,7 +118,7 @@ class AromaLinear(nn.Module):
     # ---------------------------------------------------------------- the quantities of eqs. (5) and (6)
     def live_norm(self) -> torch.Tensor:
         """||B_live A_live||_F from the factors: sqrt(<B^T B, A A^T>), no out x in product (eq. 5)."""
-        a, b = self.lora_A.detach(), self.lora_B.detach()
+        a, b = full_tensor(self.lora_A.detach()), full_tensor(self.lora_B.detach())
         return torch.sum((b.T @ b) * (a @ a.T)).clamp_min(0).sqrt()
 
     def _delta_in_weight_layout(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -105,8 +129,9 @@ class AromaLinear(nn.Module):
         """||W0 + s B_{p-1} A_{p-1}||_F in fp32: the denominator of eq. (6)."""
         w = self.base_layer.weight.detach().to(torch.float32)
         if self.rank and not self.fold_merged:
-            w = w + self.scaling * self._delta_in_weight_layout(self.merged_B, self.merged_A)
-        return torch.linalg.vector_norm(w)
+            w = w + self.scaling * _like(w, self._delta_in_weight_layout(self.merged_B, self.merged_A))
+        # A sharded W0 (FSDP2): the norm of the shards' norms, the same on every process.
+        return full_tensor(torch.linalg.vector_norm(w))
 
     def outer_ratio(self) -> torch.Tensor:
         """||s b_p a_p||_F / ||W0 + s B_{p-1} A_{p-1}||_F, the left side of eq. (6)."""
@@ -119,7 +144,7 @@ class AromaLinear(nn.Module):
         g = torch.Generator().manual_seed(derived_seed(self.seed, self.index, self.num_merged, 0))
         a = torch.empty(self.lora_A.shape, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
-        self.lora_A.copy_(a)
+        copy_full_(self.lora_A, a)
         self.lora_B.zero_()
 
     @torch.no_grad()
@@ -130,12 +155,13 @@ class AromaLinear(nn.Module):
         self.merged_A = torch.cat([self.merged_A, a], dim=0)
         self.merged_B = torch.cat([self.merged_B, b], dim=1)
         if self.fold_merged:
-            self.base_layer.weight.add_(self._delta_in_weight_layout(b, a), alpha=self.scaling)
+            w = self.base_layer.weight
+            w.add_(_like(w, self._delta_in_weight_layout(b, a)), alpha=self.scaling)
 
     @torch.no_grad()
     def merge_live(self) -> None:
         """Merge the live component into the merged update; the live factors are left as they are."""
-        self.append_merged(self.lora_B.detach().clone(), self.lora_A.detach().clone())
+        self.append_merged(full_tensor(self.lora_B.detach()).clone(), full_tensor(self.lora_A.detach()).clone())
 
     @torch.no_grad()
     def drop_live(self) -> None:
@@ -145,11 +171,11 @@ class AromaLinear(nn.Module):
 
     # ---------------------------------------------------------------- whole-weight views
     def _delta(self, merged: bool, live: bool) -> torch.Tensor:
-        delta = torch.zeros_like(self.base_layer.weight, dtype=torch.float32)
+        delta = torch.zeros(self.base_layer.weight.shape, dtype=torch.float32, device=self.merged_A.device)
         if merged and self.rank:
             delta += self._delta_in_weight_layout(self.merged_B, self.merged_A)
         if live and self.active:
-            delta += self._delta_in_weight_layout(self.lora_B.detach(), self.lora_A.detach())
+            delta += self._delta_in_weight_layout(full_tensor(self.lora_B.detach()), full_tensor(self.lora_A.detach()))
         return self.scaling * delta
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .analysis import effective_rank
-from .io import atomic_write, write_json
+from .faults import NonFiniteGuard
+from .io import load_adapter_into, load_controller_state, load_training_state, save_training_state, write_json
 from .methods import METHODS, MethodOptions, MethodRun, prepare
 from .report import trainable_mean, write_report
 from .tasks.glue import TASKS, Example, find_split_files, load_glue_hub, read_split
@@ -40,6 +42,9 @@ class TrainOptions:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     eval_steps: int = 200
+    save_steps: int | None = None  # checkpoint every this many steps (None: at every evaluation)
+    resume: bool = False  # continue from OUT/checkpoint when there is one (AROMA and ReLoRA)
+    max_nonfinite_steps: int = 10  # steps skipped for a NaN/inf loss or gradient before the run stops
     seed: int = 0
     train_limit: int | None = None
     eval_limit: int | None = None
@@ -62,6 +67,14 @@ def validate(opts: TrainOptions) -> None:
     for name in ("batch_size", "eval_batch_size", "max_seq_len", "eval_steps"):
         if getattr(opts, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(opts, name)!r}")
+    if opts.save_steps is not None and (isinstance(opts.save_steps, bool) or not isinstance(opts.save_steps, int)
+                                        or opts.save_steps <= 0):
+        raise ValueError(f"--save-steps must be a positive integer, got {opts.save_steps!r}")
+    if isinstance(opts.max_nonfinite_steps, bool) or not isinstance(opts.max_nonfinite_steps, int) \
+            or opts.max_nonfinite_steps < 0:
+        raise ValueError(f"--max-nonfinite-steps must be an integer >= 0, got {opts.max_nonfinite_steps!r}")
+    if opts.resume and opts.method not in ("aroma", "relora"):
+        raise ValueError(f"--resume is supported for the aroma and relora methods, not {opts.method!r}")
     if (opts.epochs is None) == (opts.max_steps is None):
         raise ValueError("give exactly one of --epochs and --max-steps (a preset may set one)")
 
@@ -202,7 +215,6 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
                                  "resolved_warmup_steps": warmup, "train_examples": len(train_examples),
                                  "eval_examples": {s: len(e) for s, e in eval_splits.items()}}
     write_json(out / "config.json", resolved)
-    (out / "metrics.jsonl").write_text("")
 
     regression = spec.num_labels == 1
     train_rows = encode(tokenizer, train_examples, opts.max_seq_len)
@@ -217,43 +229,60 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
 
     model.train()
     gen = torch.Generator().manual_seed(opts.seed)
-    step, finished, losses, step_times = 0, False, [], []
+    guard = NonFiniteGuard(opts.max_nonfinite_steps)
+    step, finished, order, position, last_eval = 0, False, [], 0, None
+    checkpoint = _find_checkpoint(out) if opts.resume else None
+    if checkpoint is not None:
+        step, order, position, last_eval = _resume(checkpoint, method_run, optimizer, scheduler, gen, guard)
+        finished = method_run.controller.finished
+        history.update(step)
+        _drop_metrics_after(out / "metrics.jsonl", step)
+    else:
+        (out / "metrics.jsonl").write_text("")
+    save_steps = opts.save_steps or opts.eval_steps
+    losses, step_times = [], []
     started = time.perf_counter()
-    last_eval = None
     progress = _progress(max_steps, opts.progress)
+    progress.update(step)
     while step < max_steps and not finished:
-        order = torch.randperm(len(train_rows), generator=gen).tolist()
-        for start in range(0, len(order), opts.batch_size):
-            t0 = time.perf_counter()
-            batch = collate(tokenizer, [train_rows[i] for i in order[start:start + opts.batch_size]], regression)
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            finished = method_run.after_step(step)
+        if position >= len(order):  # a new epoch
+            order, position = torch.randperm(len(train_rows), generator=gen).tolist(), 0
+        t0 = time.perf_counter()
+        batch = collate(tokenizer, [train_rows[i] for i in order[position:position + opts.batch_size]], regression)
+        position += opts.batch_size
+        loss = model(**batch).loss
+        loss.backward()
+        if guard.check(method_run.parameters, loss, step=step + 1):  # NaN/inf: no step, no AROMA decision
             optimizer.zero_grad(set_to_none=True)
-            step_times.append(time.perf_counter() - t0)
-            losses.append(loss.item())
-            history.update(step)
-            writer.scalar("train/loss", losses[-1], step)
-            writer.scalar("train/learning_rate", optimizer.param_groups[0]["lr"], step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.3f}", rank=history.total_rank, trainable=history.trainable,
-                                 converged=history.converged(), refresh=False)
-            if step % opts.eval_steps == 0 or finished or step >= max_steps:
-                last_eval = _evaluate_all(model, tokenizer, eval_rows, opts, metric_name)
-                record = {"step": step, "metrics": last_eval, "main": last_eval[_main_key(opts.task, metric_name)],
-                          "trainable_params": history.trainable, "total_rank": history.total_rank}
-                writer.append_metrics(record)
-                for k, v in last_eval.items():
-                    writer.scalar(f"eval/{k}", v, step)
-                writer.scalar("train/trainable_params", history.trainable, step)
-                writer.scalar("train/total_rank", history.total_rank, step)
-                history.write(out / "rank_history.json")
-                method_run.save(out / "checkpoint")
-            if finished or step >= max_steps:
-                break
+            writer.scalar("train/skipped_steps", len(guard.skipped), step + 1)
+            continue
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        finished = method_run.after_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        step_times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        history.update(step)
+        writer.scalar("train/loss", losses[-1], step)
+        writer.scalar("train/learning_rate", optimizer.param_groups[0]["lr"], step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses[-1]:.3f}", rank=history.total_rank, trainable=history.trainable,
+                             converged=history.converged(), refresh=False)
+        done = finished or step >= max_steps
+        if step % opts.eval_steps == 0 or done:
+            last_eval = _evaluate_all(model, tokenizer, eval_rows, opts, metric_name)
+            record = {"step": step, "metrics": last_eval, "main": last_eval[_main_key(opts.task, metric_name)],
+                      "trainable_params": history.trainable, "total_rank": history.total_rank}
+            writer.append_metrics(record)
+            for k, v in last_eval.items():
+                writer.scalar(f"eval/{k}", v, step)
+            writer.scalar("train/trainable_params", history.trainable, step)
+            writer.scalar("train/total_rank", history.total_rank, step)
+            history.write(out / "rank_history.json")
+        if step % save_steps == 0 and not done:
+            _save_checkpoint(out, method_run, optimizer, scheduler, gen, guard,
+                             {"step": step, "order": order, "position": position, "last_eval": last_eval})
     progress.close()
     wall = time.perf_counter() - started
 
@@ -268,13 +297,71 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
         "task": opts.task, "method": opts.method, "model": opts.model, "main_metric": _main_key(opts.task, metric_name),
         "metrics": last_eval, "majority_baseline": baseline,
         "trainable_params": history.summary(step), "total_rank": history.total_rank, "steps": step,
-        "stopped_early": step < max_steps, "wall_time_s": wall,
+        "stopped_early": step < max_steps, "nonfinite_steps_skipped": guard.skipped, "wall_time_s": wall,
         "mean_step_time_s": sum(step_times) / max(1, len(step_times)),
     }
     write_json(out / "final_metrics.json", final)
     writer.close()
     write_report(out)
     return final
+
+
+# ---------------------------------------------------------------------- checkpoints
+CHECKPOINT = "checkpoint"
+
+
+def _save_checkpoint(out: Path, method_run: MethodRun, optimizer, scheduler, gen: torch.Generator,
+                     guard: NonFiniteGuard, position: dict) -> None:
+    """Write OUT/checkpoint: the adapter and controller, the optimizer, the schedule, the data
+    position and every RNG state. It is written beside the previous one and swapped in by renames,
+    so a process killed at any moment leaves a complete checkpoint (the new or the previous one)."""
+    tmp, old, final = out / f".{CHECKPOINT}.tmp", out / f".{CHECKPOINT}.old", out / CHECKPOINT
+    shutil.rmtree(tmp, ignore_errors=True)
+    method_run.save(tmp)
+    extra = position | {"python_random": _jsonable(random.getstate()), "nonfinite": guard.state_dict()}
+    save_training_state(tmp, optimizer, scheduler, extra=extra,
+                        tensors={"torch_rng": torch.get_rng_state(), "data_rng": gen.get_state()})
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _find_checkpoint(out: Path) -> Path | None:
+    """The last complete checkpoint: OUT/checkpoint, or the previous one if a swap was cut short."""
+    for candidate in (out / CHECKPOINT, out / f".{CHECKPOINT}.old"):
+        if (candidate / "training_state.json").is_file():
+            return candidate
+    return None
+
+
+def _resume(checkpoint: Path, method_run: MethodRun, optimizer, scheduler, gen: torch.Generator,
+            guard: NonFiniteGuard) -> tuple[int, list, int, dict | None]:
+    """Load a checkpoint into the freshly prepared run; returns (step, epoch order, position, last eval)."""
+    load_adapter_into(method_run.model, checkpoint / "adapter")
+    extra, tensors = load_training_state(checkpoint, optimizer, scheduler)
+    method_run.controller.load_state_dict(load_controller_state(checkpoint / "adapter"))
+    random.setstate(_python_random_state(extra["python_random"]))
+    torch.set_rng_state(tensors["torch_rng"])
+    gen.set_state(tensors["data_rng"])
+    guard.load_state_dict(extra["nonfinite"])
+    return int(extra["step"]), list(extra["order"]), int(extra["position"]), extra["last_eval"]
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Evaluations logged after the checkpoint will be logged again by the resumed run."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _jsonable(state):
+    return [_jsonable(v) for v in state] if isinstance(state, tuple) else state
+
+
+def _python_random_state(state):
+    return tuple(_python_random_state(v) for v in state) if isinstance(state, list) else state
 
 
 def _main_key(task: str, metric_name: str) -> str:

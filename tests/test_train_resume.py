@@ -1,0 +1,185 @@
+"""The plain training loop (train.py): checkpoints, resume after SIGKILL, non-finite steps, bad options."""
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_cli import model_dir, mrpc_dir  # noqa: F401  (fixtures: a tiny BERT with tokenizer, MRPC files)
+
+from aroma_peft import train as T
+from aroma_peft.methods import MethodOptions
+
+KILLED_RUN = """
+import json, pathlib, sys, time
+from aroma_peft import train as T
+from aroma_peft.methods import MethodOptions
+
+d = json.loads(sys.argv[1])
+kill_at, marker = d.pop("kill_at"), pathlib.Path(d.pop("marker"))
+opts = T.TrainOptions(**(d | {"method_options": MethodOptions(**d["method_options"])}))
+prepare = T.prepare
+
+def prepare_and_hang(*args, **kwargs):
+    run = prepare(*args, **kwargs)
+    after_step = run.after_step
+    def hang_at_kill_step(step):
+        finished = after_step(step)
+        if step == kill_at:  # the parent kills us here, after this step's controller decisions
+            marker.write_text(str(step))
+            time.sleep(600)
+        return finished
+    run.after_step = hang_at_kill_step
+    return run
+
+T.prepare = prepare_and_hang
+T.run(opts)
+"""
+
+
+def options(model_dir, mrpc_dir, out, **changes):
+    # T_in = 4: inner loops end at steps 4, 8, 12, 16; a checkpoint every 5 steps lands inside them.
+    method = MethodOptions(max_inner_steps=4, check_interval=2, restart_warmup_steps=1, eps_out=0.05)
+    opts = T.TrainOptions(task="mrpc", model=str(model_dir), data_dir=str(mrpc_dir), out=str(out), max_steps=16,
+                          eval_steps=8, save_steps=5, batch_size=16, warmup_steps=2, lr=5e-3, progress=False,
+                          method_options=method)
+    return dataclasses.replace(opts, **changes)
+
+
+def adapter_tensors(run_dir):
+    return load_file(str(run_dir / "adapter" / "aroma_adapter.safetensors"))
+
+
+def test_sigkill_mid_inner_loop_then_resume_gives_the_uninterrupted_adapter_bitwise(model_dir, mrpc_dir, tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    T.run(options(model_dir, mrpc_dir, ref_dir))
+
+    spec = dataclasses.asdict(options(model_dir, mrpc_dir, run_dir)) | {"kill_at": 11, "marker": str(tmp_path / "at")}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, json.dumps(spec)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "at").exists():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the training subprocess never reached step 11"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    state = json.loads((run_dir / "checkpoint" / "training_state.json").read_text())
+    assert state["extra"]["step"] == 10  # checkpoints at 5 and 10; killed at 11, before the end
+    controller = json.loads((run_dir / "checkpoint" / "adapter" / "aroma_controller.json").read_text())
+    assert controller["loop"]["inner_step"] == 2  # the checkpoint is in the middle of the third inner loop
+    assert not (run_dir / "adapter").exists()
+
+    final = T.run(options(model_dir, mrpc_dir, run_dir, resume=True))
+
+    ref, resumed = adapter_tensors(ref_dir), adapter_tensors(run_dir)
+    assert ref.keys() == resumed.keys()
+    for key in ref:
+        assert torch.equal(ref[key], resumed[key]), key
+    ref_controller = json.loads((ref_dir / "adapter" / "aroma_controller.json").read_text())
+    assert json.loads((run_dir / "adapter" / "aroma_controller.json").read_text()) == ref_controller
+    assert len(ref_controller["history"]) > 2  # the run merged (and so re-initialized and reset) on both sides
+    assert (run_dir / "metrics.jsonl").read_text() == (ref_dir / "metrics.jsonl").read_text()
+    assert final["metrics"] == json.loads((ref_dir / "final_metrics.json").read_text())["metrics"]
+    assert final["steps"] == 16
+
+
+def poison_the_loss(monkeypatch, at_calls):
+    """The training loss of the forward calls numbered in ``at_calls`` (1-based, with labels) is NaN."""
+    load = T.load_model_and_tokenizer
+
+    def load_poisoned(path, num_labels):
+        model, tokenizer = load(path, num_labels)
+        forward, calls = model.forward, []
+
+        @functools.wraps(forward)
+        def poisoned(**batch):
+            out = forward(**batch)
+            if "labels" in batch:
+                calls.append(1)
+                if len(calls) in at_calls:
+                    out.loss = out.loss * float("nan")
+            return out
+        model.forward = poisoned
+        return model, tokenizer
+
+    monkeypatch.setattr(T, "load_model_and_tokenizer", load_poisoned)
+
+
+def test_a_nan_loss_is_skipped_and_the_run_goes_on(model_dir, mrpc_dir, tmp_path, monkeypatch):
+    poison_the_loss(monkeypatch, {4})  # would-be step 4: the end of the first inner loop
+    with pytest.warns(RuntimeWarning, match=r"non-finite loss \(NaN or inf\) at step 4: step skipped"):
+        final = T.run(options(model_dir, mrpc_dir, tmp_path / "run", save_steps=None))
+    assert final["steps"] == 16 and final["nonfinite_steps_skipped"] == [4]
+    history = json.loads((tmp_path / "run" / "rank_history.json").read_text())["history"]
+    assert history[1]["step"] == 4  # the first merge waited for a real 4th step
+    tensors = adapter_tensors(tmp_path / "run")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_too_many_nan_steps_stop_the_run(model_dir, mrpc_dir, tmp_path, monkeypatch):
+    poison_the_loss(monkeypatch, {2})
+    with pytest.raises(FloatingPointError, match=r"at step 2: 1 non-finite steps .*max_nonfinite_steps=0; stopping"):
+        T.run(options(model_dir, mrpc_dir, tmp_path / "run", max_nonfinite_steps=0))
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"save_steps": 0}, r"--save-steps must be a positive integer, got 0"),
+    ({"max_nonfinite_steps": -1}, r"--max-nonfinite-steps must be an integer >= 0, got -1"),
+    ({"resume": True, "method": "lora"}, r"--resume is supported for the aroma and relora methods, not 'lora'"),
+])
+def test_bad_options_name_the_option(model_dir, mrpc_dir, tmp_path, change, match):
+    with pytest.raises(ValueError, match=match):
+        T.run(options(model_dir, mrpc_dir, tmp_path / "run", **change))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_another_configuration_names_the_field(model_dir, mrpc_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1))
+    assert (run_dir / "checkpoint" / "training_state.json").is_file()  # step 5
+    with pytest.raises(ValueError, match=r"AromaConfig\.eps_out=0\.05 in the file, 0\.02 in this model"):
+        T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1, resume=True,
+                      method_options=MethodOptions(max_inner_steps=4, check_interval=2, restart_warmup_steps=1,
+                                                   eps_out=0.02)))
+
+
+def test_a_checkpoint_swap_cut_short_falls_back_to_the_previous_checkpoint(model_dir, mrpc_dir, tmp_path,
+                                                                          monkeypatch):
+    run_dir = tmp_path / "run"
+    T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1))
+    # Killed between the two renames of _save_checkpoint: the old one moved aside, the new one half written.
+    os.replace(run_dir / "checkpoint", run_dir / ".checkpoint.old")
+    (run_dir / ".checkpoint.tmp" / "adapter").mkdir(parents=True)
+    (run_dir / ".checkpoint.tmp" / "adapter" / "aroma_adapter.safetensors").write_bytes(b"\x00" * 10)
+    assert T._find_checkpoint(run_dir) == run_dir / ".checkpoint.old"
+    # The first training forward of the resumed run is poisoned and stops it: its step number tells
+    # where the run resumed (6, after the checkpoint at step 5; 1 if it had started over).
+    poison_the_loss(monkeypatch, {1})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(NaN or inf\) at step 6:"):
+        T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1, resume=True, max_nonfinite_steps=0))
+
+
+def test_a_truncated_optimizer_state_names_the_file_and_changes_nothing(model_dir, mrpc_dir, tmp_path):
+    from aroma_peft.io import load_training_state
+
+    run_dir = tmp_path / "run"
+    T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1))
+    path = run_dir / "checkpoint" / "optimizer.safetensors"
+    path.write_bytes(path.read_bytes()[:-40])
+    p = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([p], lr=0.1)
+    with pytest.raises(ValueError, match=f"{path}: not a readable safetensors file"):
+        load_training_state(run_dir / "checkpoint", optimizer)
+    assert optimizer.state_dict()["param_groups"][0]["lr"] == 0.1 and not optimizer.state
+    with pytest.raises(ValueError, match=f"{path}: not a readable safetensors file"):
+        T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1, resume=True))
