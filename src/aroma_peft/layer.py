@@ -32,7 +32,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _like(ref: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+def like(ref: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     """``whole`` laid out like ``ref``: cut into ``ref``'s shards when ``ref`` is a DTensor."""
     whole = whole.to(device=ref.device, dtype=ref.dtype)
     if not hasattr(ref, "device_mesh"):
@@ -45,7 +45,7 @@ def _like(ref: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def copy_full_(dst: torch.Tensor, whole: torch.Tensor) -> None:
     """``dst <- whole`` (``whole`` is the same on every process)."""
-    dst.copy_(_like(dst, whole))
+    dst.copy_(like(dst, whole))
 
 
 class AromaLinear(nn.Module):
@@ -129,7 +129,7 @@ class AromaLinear(nn.Module):
         """||W0 + s B_{p-1} A_{p-1}||_F in fp32: the denominator of eq. (6)."""
         w = self.base_layer.weight.detach().to(torch.float32)
         if self.rank and not self.fold_merged:
-            w = w + self.scaling * _like(w, self._delta_in_weight_layout(self.merged_B, self.merged_A))
+            w = w + self.scaling * like(w, self._delta_in_weight_layout(self.merged_B, self.merged_A))
         # A sharded W0 (FSDP2): the norm of the shards' norms, the same on every process.
         return full_tensor(torch.linalg.vector_norm(w))
 
@@ -156,7 +156,7 @@ class AromaLinear(nn.Module):
         self.merged_B = torch.cat([self.merged_B, b], dim=1)
         if self.fold_merged:
             w = self.base_layer.weight
-            w.add_(_like(w, self._delta_in_weight_layout(b, a)), alpha=self.scaling)
+            w.add_(like(w, self._delta_in_weight_layout(b, a)), alpha=self.scaling)
 
     @torch.no_grad()
     def merge_live(self) -> None:

@@ -6,7 +6,7 @@ from typing import Iterable
 
 import torch
 
-from .layer import derived_seed
+from .layer import derived_seed, like
 
 
 @torch.no_grad()
@@ -43,8 +43,8 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
                 if mode == "zero":
                     value.zero_()
                 else:
-                    keep = torch.rand(value.shape, generator=gen) >= prune_ratio
-                    value.mul_(keep.to(device=value.device, dtype=value.dtype))
+                    keep = torch.rand(value.shape, generator=gen) >= prune_ratio  # whole mask, then this shard
+                    value.mul_(like(value, keep.to(torch.float32)))
 
 
 def drop_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter]) -> None:
