@@ -116,9 +116,11 @@ def encode(tokenizer, examples, max_len: int) -> list[dict]:
     return [{k: enc[k][i] for k in enc} | {"labels": examples[i].label} for i in range(len(examples))]
 
 
-def collate(tokenizer, rows: list[dict], regression: bool) -> dict:
+def collate(tokenizer, rows: list[dict], regression: bool, length: int | None = None) -> dict:
+    """A padded batch: to its longest row, or to ``length``."""
     feats = [{k: v for k, v in r.items() if k != "labels"} for r in rows]
-    batch = tokenizer.pad(feats, return_tensors="pt")
+    padding = {"padding": "max_length", "max_length": length} if length else {}
+    batch = tokenizer.pad(feats, return_tensors="pt", **padding)
     batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.float32 if regression else torch.long)
     return dict(batch)
 
@@ -171,6 +173,35 @@ class RunWriter:
             self.tb.close()
 
 
+class _NoWriter:
+    """The run directory writer of the processes other than the first."""
+
+    def scalar(self, *args) -> None:
+        pass
+
+    def append_metrics(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _init_distributed(opts: TrainOptions) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group) under torchrun; (0, 1, False) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    if opts.batch_size < world:
+        raise ValueError(f"--batch-size {opts.batch_size} is the global batch: it needs at least one example for "
+                         f"each of the {world} processes")
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("gloo")  # the training loop runs on CPU
+    return dist.get_rank(), dist.get_world_size(), owns
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -208,13 +239,24 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
     warmup = min(opts.warmup_steps, max_steps - 1)
     method_run = prepare(opts.method, base, mopts, max_steps=max_steps, warmup_steps=warmup, seed=opts.seed)
     model = method_run.model
+    rank, world, owns_group = _init_distributed(opts)
+    main = rank == 0  # only the first process writes the run directory
+    # Under torchrun: DDP, each process a slice of every (global) batch; every process runs its own
+    # controller and takes the same decisions (docs/distributed.md). A frozen module's factors stop
+    # receiving gradients: find_unused_parameters.
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
 
     out = Path(opts.out or f"runs/{opts.task}-{opts.method}-{Path(opts.model).name}")
-    writer = RunWriter(out)
+    writer = RunWriter(out) if main else _NoWriter()
     resolved = opts.to_dict() | {"method_options": dataclasses.asdict(mopts), "resolved_max_steps": max_steps,
                                  "resolved_warmup_steps": warmup, "train_examples": len(train_examples),
-                                 "eval_examples": {s: len(e) for s, e in eval_splits.items()}}
-    write_json(out / "config.json", resolved)
+                                 "eval_examples": {s: len(e) for s, e in eval_splits.items()}, "processes": world}
+    if main:
+        write_json(out / "config.json", resolved)
 
     regression = spec.num_labels == 1
     train_rows = encode(tokenizer, train_examples, opts.max_seq_len)
@@ -236,22 +278,29 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
         step, order, position, last_eval = _resume(checkpoint, method_run, optimizer, scheduler, gen, guard)
         finished = method_run.controller.finished
         history.update(step)
-        _drop_metrics_after(out / "metrics.jsonl", step)
-    else:
+        if main:
+            _drop_metrics_after(out / "metrics.jsonl", step)
+    elif main:
         (out / "metrics.jsonl").write_text("")
     save_steps = opts.save_steps or opts.eval_steps
     losses, step_times = [], []
     started = time.perf_counter()
-    progress = _progress(max_steps, opts.progress)
+    progress = _progress(max_steps, opts.progress and main)
     progress.update(step)
     while step < max_steps and not finished:
         if position >= len(order):  # a new epoch
             order, position = torch.randperm(len(train_rows), generator=gen).tolist(), 0
         t0 = time.perf_counter()
-        batch = collate(tokenizer, [train_rows[i] for i in order[position:position + opts.batch_size]], regression)
+        rows = [train_rows[i] for i in order[position:position + opts.batch_size]]
         position += opts.batch_size
-        loss = model(**batch).loss
-        loss.backward()
+        if len(rows) < world:  # an epoch's last, short batch cannot give every process an example
+            continue
+        mine = rows[rank::world]
+        # Every slice padded like the whole batch: the same computation per example as one process.
+        length = max(len(r["input_ids"]) for r in rows) if world > 1 else None
+        loss = train_model(**collate(tokenizer, mine, regression, length)).loss
+        # DDP averages gradients over processes: weigh each slice by its share of the global batch.
+        (loss * (len(mine) * world / len(rows)) if world > 1 else loss).backward()
         if guard.check(method_run.parameters, loss, step=step + 1):  # NaN/inf: no step, no AROMA decision
             optimizer.zero_grad(set_to_none=True)
             writer.scalar("train/skipped_steps", len(guard.skipped), step + 1)
@@ -279,13 +328,20 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
                 writer.scalar(f"eval/{k}", v, step)
             writer.scalar("train/trainable_params", history.trainable, step)
             writer.scalar("train/total_rank", history.total_rank, step)
-            history.write(out / "rank_history.json")
-        if step % save_steps == 0 and not done:
+            if main:
+                history.write(out / "rank_history.json")
+        if step % save_steps == 0 and not done and main:
             _save_checkpoint(out, method_run, optimizer, scheduler, gen, guard,
                              {"step": step, "order": order, "position": position, "last_eval": last_eval})
     progress.close()
     wall = time.perf_counter() - started
 
+    if owns_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if not main:
+        return {"steps": step, "metrics": last_eval, "nonfinite_steps_skipped": guard.skipped}
     method_run.save(out)
     history.write(out / "rank_history.json")
     ranks = method_run.module_ranks()
