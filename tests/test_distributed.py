@@ -67,33 +67,42 @@ def result(model, controller, decisions) -> tuple[dict, dict]:
     return tensors, {"decisions": decisions, "history": controller.history, "loop": controller.loop.state_dict()}
 
 
-def worker(rank: int, mode: str, directory: str) -> None:
+def worker(rank: int, directory: str) -> None:
+    """One process of the 2-process runs: DDP, then FSDP2, each from a fresh model."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=WORLD)
     try:
-        model = build()
-        if mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
+        for mode in ("ddp", "fsdp2"):
+            model = build()
+            if mode == "ddp":
+                from torch.nn.parallel import DistributedDataParallel as DDP
 
-            # find_unused_parameters: a frozen module's factors stop receiving gradients.
-            forward = DDP(model, find_unused_parameters=True)
-        else:
-            from torch.distributed.fsdp import fully_shard
+                # find_unused_parameters: a frozen module's factors stop receiving gradients.
+                forward = DDP(model, find_unused_parameters=True)
+            else:
+                from torch.distributed.fsdp import fully_shard
 
-            for layer in model.base_model.bert.encoder.layer:
-                fully_shard(layer)
-            fully_shard(model)
-            forward = model
-        controller, decisions = train(model, forward, rank, WORLD)
-        tensors, log = result(model, controller, decisions)
-        weight = controller.layers[0].base_layer.weight
-        log["weight_type"] = type(weight).__name__
-        log["local_weight_rows"] = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
-        save_file(tensors, f"{directory}/rank{rank}.safetensors")
-        with open(f"{directory}/rank{rank}.json", "w") as f:
-            json.dump(log, f)
+                for layer in model.base_model.bert.encoder.layer:
+                    fully_shard(layer)
+                fully_shard(model)
+                forward = model
+            controller, decisions = train(model, forward, rank, WORLD)
+            tensors, log = result(model, controller, decisions)
+            weight = controller.layers[0].base_layer.weight
+            log["weight_type"] = type(weight).__name__
+            log["local_weight_rows"] = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
+            save_file(tensors, f"{directory}/{mode}-rank{rank}.safetensors")
+            with open(f"{directory}/{mode}-rank{rank}.json", "w") as f:
+                json.dump(log, f)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("two-processes")
+    mp.start_processes(worker, args=(str(directory),), nprocs=WORLD, join=True, start_method="spawn")
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +118,10 @@ def single_process():
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_two_processes_take_the_same_decisions_as_one(tmp_path, single_process, mode):
-    mp.start_processes(worker, args=(mode, str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+def test_two_processes_take_the_same_decisions_as_one(two_processes, single_process, mode):
     ref_tensors, ref_log = single_process
-    logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    tensors = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
+    logs = [json.loads((two_processes / f"{mode}-rank{r}.json").read_text()) for r in range(WORLD)]
+    tensors = [load_file(str(two_processes / f"{mode}-rank{r}.safetensors")) for r in range(WORLD)]
     for log in logs:
         assert log["decisions"] == ref_log["decisions"]  # same decisions at the same steps
         assert log["history"] == ref_log["history"]
