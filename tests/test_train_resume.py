@@ -181,5 +181,8 @@ def test_a_truncated_optimizer_state_names_the_file_and_changes_nothing(model_di
     with pytest.raises(ValueError, match=f"{path}: not a readable safetensors file"):
         load_training_state(run_dir / "checkpoint", optimizer)
     assert optimizer.state_dict()["param_groups"][0]["lr"] == 0.1 and not optimizer.state
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "tb" not in p.parts}
     with pytest.raises(ValueError, match=f"{path}: not a readable safetensors file"):
         T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1, resume=True))
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "tb" not in p.parts}
+    assert after == before  # nothing in the run directory was overwritten

@@ -255,8 +255,6 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
     resolved = opts.to_dict() | {"method_options": dataclasses.asdict(mopts), "resolved_max_steps": max_steps,
                                  "resolved_warmup_steps": warmup, "train_examples": len(train_examples),
                                  "eval_examples": {s: len(e) for s, e in eval_splits.items()}, "processes": world}
-    if main:
-        write_json(out / "config.json", resolved)
 
     regression = spec.num_labels == 1
     train_rows = encode(tokenizer, train_examples, opts.max_seq_len)
@@ -282,6 +280,8 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
             _drop_metrics_after(out / "metrics.jsonl", step)
     elif main:
         (out / "metrics.jsonl").write_text("")
+    if main:  # after the checkpoint loaded: a failed resume leaves the run directory as it was
+        write_json(out / "config.json", resolved)
     save_steps = opts.save_steps or opts.eval_steps
     losses, step_times = [], []
     started = time.perf_counter()
