@@ -186,3 +186,4 @@ def test_the_plain_training_loop_under_torchrun_matches_one_process(model_dir, m
     # size 2.59 (7e-6 relative); every other entry within 1e-6. Hence a relative tolerance here.
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
+

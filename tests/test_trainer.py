@@ -1,10 +1,13 @@
 """The Hugging Face Trainer callback drives the controller and its schedule, and stops the Trainer."""
 
 import functools
+import json
+import os
 
 import pytest
 import torch
 from conftest import synthetic_batches, tiny_bert
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from aroma_peft import AromaConfig, AromaController, get_aroma_model, lr_factor
@@ -131,3 +134,55 @@ def test_a_nan_gradient_in_the_trainer_skips_the_step(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(seen[2], seen[3]))  # the skipped step moved nothing
     assert not all(torch.equal(a, b) for a, b in zip(seen[3], seen[4]))
     assert all(torch.isfinite(p).all() for p in controller.model.adapter_parameters())
+
+
+WORLD = 2
+
+TRAINER_DRIVER = """
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from safetensors.torch import save_file
+from test_trainer import resumable_trainer
+
+torch.set_num_threads(1)
+out = sys.argv[2]
+trainer, controller = resumable_trainer(out, max_steps=60, save_steps=1000)
+decisions, loop_step = [], controller.loop.step
+def record(norms, ratios):
+    decision = loop_step(norms, ratios)
+    decisions.append(decision.__dict__)
+    return decision
+controller.loop.step = record
+trainer.train()
+rank = trainer.args.process_index
+state = {k: v.detach().contiguous() for k, v in controller.model.state_dict().items()}
+save_file(state, f"{out}/rank{rank}.safetensors")
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump({"decisions": decisions, "history": controller.history, "global_step": trainer.state.global_step,
+               "world": trainer.args.world_size, "ddp": type(trainer.model_wrapped).__name__}, f)
+"""
+
+
+def test_the_trainer_under_torchrun_takes_the_same_decisions_on_every_process(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "driver.py").write_text(TRAINER_DRIVER)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+                           str(tmp_path / "driver.py"), tests_dir, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [(log["world"], log["ddp"]) for log in logs] == [(WORLD, "DistributedDataParallel")] * WORLD
+    # The Trainer wraps an AromaModel (not a PreTrainedModel) with find_unused_parameters=True: freezing works.
+    assert logs[0]["decisions"] == logs[1]["decisions"] and logs[0]["history"] == logs[1]["history"]
+    assert logs[0]["global_step"] == logs[1]["global_step"]
+    merges = {d["step"] for d in logs[0]["decisions"] if d["merged"]}
+    freezes = {d["step"] for d in logs[0]["decisions"] if d["converged"]}
+    assert len(merges) >= 2 and freezes and min(freezes) < logs[0]["global_step"]  # trained on after a freeze
+    tensors = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
+    for key in tensors[0]:
+        assert torch.equal(tensors[0][key], tensors[1][key]), key  # replicas bit-identical
