@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from conftest import synthetic_batches, tiny_bert
 from safetensors.torch import load_file, save_file
 from test_cli import model_dir, mrpc_dir  # noqa: F401  (fixtures: a tiny BERT with tokenizer, MRPC files)
-from test_train_resume import options
+from test_train_resume import launch_and_compare
 
 from aroma_peft import AromaConfig, AromaController, get_aroma_model
 from aroma_peft.layer import full_tensor
@@ -147,43 +147,7 @@ def _same_but_ratios(log, ref_log) -> bool:
     return True
 
 
-TORCHRUN_DRIVER = """
-import json, sys
-from aroma_peft import train as T
-from aroma_peft.methods import MethodOptions
-
-d = json.loads(sys.argv[1])
-T.run(T.TrainOptions(**(d | {"method_options": MethodOptions(**d["method_options"])})))
-"""
-
 
 def test_the_plain_training_loop_under_torchrun_matches_one_process(model_dir, mrpc_dir, tmp_path):
-    import subprocess
-    import sys
-
-    from aroma_peft import train as T
-
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    T.run(options(model_dir, mrpc_dir, ref_dir))
-    spec = dataclasses.asdict(options(model_dir, mrpc_dir, run_dir))
-    (tmp_path / "driver.py").write_text(TORCHRUN_DRIVER)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-                           str(tmp_path / "driver.py"), json.dumps(spec)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((run_dir / "config.json").read_text())["processes"] == WORLD
-    ref_controller = json.loads((ref_dir / "adapter" / "aroma_controller.json").read_text())
-    controller = json.loads((run_dir / "adapter" / "aroma_controller.json").read_text())
-    assert controller["history"] == ref_controller["history"]  # the same merges and freezes at the same steps
-    assert [m["converged"] for m in controller["loop"]["modules"]] == [m["converged"] for m in ref_controller["loop"]["modules"]]
-    assert len(ref_controller["history"]) > 2
-    ref, got = (load_file(str(d / "adapter" / "aroma_adapter.safetensors")) for d in (ref_dir, run_dir))
-    assert ref.keys() == got.keys()
-    # Two half-batch gradients averaged round differently from one whole-batch gradient (~1e-7), and
-    # the prune Reset amplifies that: an entry whose exp_avg survives the prune while its exp_avg_sq
-    # is zeroed moves by about exp_avg / |g| after the reset. Measured: at most 1.8e-5 on an entry of
-    # size 2.59 (7e-6 relative); every other entry within 1e-6. Hence a relative tolerance here.
-    for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
-
+    launch_and_compare(model_dir, mrpc_dir, tmp_path,
+                       ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"])

@@ -246,9 +246,14 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
     # receiving gradients: find_unused_parameters.
     train_model = model
     if world > 1:
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
+        # The merged buffers are equal on every process by construction: no need to sync them per step.
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            DistributedDataParallel).parameters else "broadcast_buffers"
+        train_model = DistributedDataParallel(model, find_unused_parameters=True, **{no_sync: False})
 
     out = Path(opts.out or f"runs/{opts.task}-{opts.method}-{Path(opts.model).name}")
     writer = RunWriter(out) if main else _NoWriter()
