@@ -3,12 +3,14 @@
 Every process runs its own controller on its own replica (or shard); nothing is broadcast. The
 runs cross five merges and freezes at three different steps, so the test sees every kind of
 decision: eq. (6) on replicated or sharded factors, Merge & Reinit (seeded), the optimizer Reset
-(seeded masks), freezing a module that DDP or FSDP2 was already wrapping.
+(seeded masks), freezing a module that DDP or FSDP2 was already wrapping. One batch has a NaN loss
+on the second process only: every process skips that step.
 """
 
 import dataclasses
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from test_cli import model_dir, mrpc_dir  # noqa: F401  (fixtures: a tiny BERT with tokenizer, MRPC files)
 from test_train_resume import launch_and_compare
 
-from aroma_peft import AromaConfig, AromaController, get_aroma_model
+from aroma_peft import AromaConfig, AromaController, AromaModel, get_aroma_model
 from aroma_peft.layer import full_tensor
 
 WORLD = 2
@@ -36,6 +38,9 @@ def build():
     return get_aroma_model(tiny_bert(0), config)
 
 
+POISONED_BATCH = 21  # its loss is NaN (on the last process): would-be step 22 is skipped everywhere
+
+
 def train(model, forward, rank=0, world=1):
     """The README's loop on this process's slice of each global batch; returns every decision taken."""
     optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
@@ -49,9 +54,11 @@ def train(model, forward, rank=0, world=1):
     controller.loop.step = record
     model.train()
     per_rank = GLOBAL_BATCH // world
-    for batch in synthetic_batches(STEPS, batch_size=GLOBAL_BATCH):
+    for i, batch in enumerate(synthetic_batches(STEPS + 1, batch_size=GLOBAL_BATCH)):
         local = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
         loss = forward(**local).loss
+        if i == POISONED_BATCH and rank == world - 1:
+            loss = loss * float("nan")
         loss.backward()
         if controller.skip_nonfinite_step(loss):
             optimizer.zero_grad()
@@ -64,7 +71,8 @@ def train(model, forward, rank=0, world=1):
 
 def result(model, controller, decisions) -> tuple[dict, dict]:
     tensors = {k: full_tensor(v.detach()).clone().contiguous() for k, v in model.state_dict().items()}
-    return tensors, {"decisions": decisions, "history": controller.history, "loop": controller.loop.state_dict()}
+    return tensors, {"decisions": decisions, "history": controller.history, "loop": controller.loop.state_dict(),
+                     "skipped": controller.nonfinite.skipped}
 
 
 def worker(rank: int, directory: str) -> None:
@@ -86,8 +94,12 @@ def worker(rank: int, directory: str) -> None:
                     fully_shard(layer)
                 fully_shard(model)
                 forward = model
-            controller, decisions = train(model, forward, rank, WORLD)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # the skipped step's report
+                controller, decisions = train(model, forward, rank, WORLD)
             tensors, log = result(model, controller, decisions)
+            # save_pretrained gathers the shards (a collective): every process calls it.
+            model.save_pretrained(f"{directory}/{mode}-adapter-rank{rank}", controller)
             weight = controller.layers[0].base_layer.weight
             log["weight_type"] = type(weight).__name__
             log["local_weight_rows"] = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
@@ -108,12 +120,13 @@ def two_processes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_process():
     model = build()
-    controller, decisions = train(model, model)
+    with pytest.warns(RuntimeWarning, match="non-finite loss .* at step 22: step skipped"):
+        controller, decisions = train(model, model)
     tensors, log = result(model, controller, decisions)
     # The scenario the docstring promises, from the one-process run.
     merges = sorted({d["step"] for d in log["decisions"] if d["merged"]})
     freezes = sorted({d["step"] for d in log["decisions"] if d["converged"]})
-    assert merges == [4, 8, 12, 16, 20] and freezes == [12, 16, 24]
+    assert merges == [4, 8, 12, 16, 20] and freezes == [12, 16, 24] and log["skipped"] == [22]
     return tensors, json.loads(json.dumps(log))
 
 
@@ -124,6 +137,7 @@ def test_two_processes_take_the_same_decisions_as_one(two_processes, single_proc
     tensors = [load_file(str(two_processes / f"{mode}-rank{r}.safetensors")) for r in range(WORLD)]
     for log in logs:
         assert log["decisions"] == ref_log["decisions"]  # same decisions at the same steps
+        assert log["skipped"] == [22]  # the NaN of the last process stopped the step on every process
         assert log["history"] == ref_log["history"]
         assert log["loop"]["modules"] == ref_log["loop"]["modules"] or _same_but_ratios(log, ref_log)
     # FSDP2 shards every weight (a DTensor, 16 of the 32 rows here); DDP replicates it.
@@ -133,6 +147,12 @@ def test_two_processes_take_the_same_decisions_as_one(two_processes, single_proc
     for key in ref_tensors:
         assert torch.equal(tensors[0][key], tensors[1][key]), key  # replicas bit-identical
         torch.testing.assert_close(tensors[0][key], ref_tensors[key], rtol=0, atol=1e-5, msg=key)
+    # The adapter each process saved: the same files, and they load into a plain model as the run ended.
+    files = [(two_processes / f"{mode}-adapter-rank{r}" / "aroma_adapter.safetensors").read_bytes() for r in range(WORLD)]
+    assert files[0] == files[1]
+    loaded = AromaModel.from_pretrained(tiny_bert(0), two_processes / f"{mode}-adapter-rank0")
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, ref_tensors[key], rtol=0, atol=1e-5, msg=key)
 
 
 def _same_but_ratios(log, ref_log) -> bool:
