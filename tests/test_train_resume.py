@@ -232,3 +232,33 @@ def test_the_plain_training_loop_under_accelerate_launch_matches_one_process(mod
                        ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
                         "1", "--main_process_port", "0", "--num_cpu_threads_per_process", "1",
                         "--mixed_precision", "no", "--dynamo_backend", "no"])
+
+
+def test_a_checkpoint_tensor_of_the_wrong_shape_names_the_file_and_the_tensor(model_dir, mrpc_dir, tmp_path):
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    run_dir = tmp_path / "run"
+    T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1))
+    adapter = run_dir / "checkpoint" / "adapter"
+    weights, meta = adapter / "aroma_adapter.safetensors", adapter / "aroma_adapter.json"
+    tensors = load_file(str(weights))
+    key = "bert.encoder.layer.0.attention.self.query.lora_B"
+    tensors[key] = torch.zeros(31, 1)
+    old_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    save_file(tensors, str(weights))
+    meta.write_text(meta.read_text().replace(old_sha, hashlib.sha256(weights.read_bytes()).hexdigest()))
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "tb" not in p.parts}
+    with pytest.raises(ValueError, match=f"{weights}: tensor '{key}' has shape \\(31, 1\\), this model needs \\(32, 1\\)"):
+        T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1, resume=True))
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "tb" not in p.parts} == before
+
+
+def test_a_truncated_controller_state_names_the_file(model_dir, mrpc_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1))
+    path = run_dir / "checkpoint" / "adapter" / "aroma_controller.json"
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
+        T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1, resume=True))
