@@ -173,7 +173,7 @@ def test_the_trainer_under_torchrun_takes_the_same_decisions_on_every_process(tm
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
                            str(tmp_path / "driver.py"), tests_dir, str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert [(log["world"], log["ddp"]) for log in logs] == [(WORLD, "DistributedDataParallel")] * WORLD
