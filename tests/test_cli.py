@@ -153,3 +153,26 @@ def test_export_lora_of_a_method_without_one(model_dir, mrpc_dir, tmp_path, caps
 def test_python_dash_m_help():
     out = subprocess.run([sys.executable, "-m", "aroma_peft", "train", "glue", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--eps-out" in out.stdout and "--preset" in out.stdout
+
+
+def test_checkpoint_and_fault_flags_reach_the_options(model_dir, mrpc_dir, tmp_path):
+    from aroma_peft.cli import build_parser, train_options_from_args
+
+    args = build_parser().parse_args(["train", "glue", "--task", "mrpc", "--model", str(model_dir), "--data-dir",
+                                      str(mrpc_dir), "--out", str(tmp_path / "run"), "--save-steps", "7",
+                                      "--max-nonfinite-steps", "3", "--resume"])
+    opts = train_options_from_args(args)
+    assert (opts.save_steps, opts.max_nonfinite_steps, opts.resume) == (7, 3, True)
+    assert train_options_from_args(build_parser().parse_args(
+        ["train", "glue", "--task", "mrpc", "--model", str(model_dir)])).resume is False
+
+
+def test_a_run_stopped_by_nonfinite_steps_is_a_clean_error(model_dir, mrpc_dir, tmp_path, monkeypatch, capsys):
+    import aroma_peft.train as T
+
+    def stopped(_opts):
+        raise FloatingPointError("3 steps skipped for a non-finite loss or gradient (steps 4, 5, 6)")
+
+    monkeypatch.setattr(T, "run", stopped)
+    assert train(model_dir, mrpc_dir, tmp_path / "run") == 2
+    assert "aroma: error: 3 steps skipped" in capsys.readouterr().err

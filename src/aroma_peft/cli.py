@@ -23,7 +23,9 @@ RUN_OPTIONS = [
     ("max-steps", int, "training length in optimizer steps: T for AROMA"),
     ("warmup-steps", int, "first warmup (AROMA: of the first component)"),
     ("weight-decay", float, "AdamW weight decay"),
-    ("eval-steps", int, "evaluate and checkpoint every this many steps"),
+    ("eval-steps", int, "evaluate every this many steps"),
+    ("save-steps", int, "checkpoint every this many steps (default: at every evaluation)"),
+    ("max-nonfinite-steps", int, "steps skipped for a NaN/inf loss or gradient before the run stops with an error"),
     ("seed", int, "random seed (data order, initialization, AROMA's decisions)"),
     ("train-limit", int, "train on a random subset of this many examples"),
     ("eval-limit", int, "evaluate on the first this many examples of each dev split"),
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     glue.add_argument("--target-modules", nargs="+", help="module-name suffixes to adapt (default: all linear layers)")
     glue.add_argument("--modules-to-save", nargs="+", help="modules trained in full (default: the classifier head)")
     glue.add_argument("--no-progress", action="store_true", help="no progress bar")
+    glue.add_argument("--resume", action="store_true",
+                      help="continue from the checkpoint in --out (AROMA, ReLoRA): the same inner loop, data order "
+                           "and random state")
     for group, options in (("run", RUN_OPTIONS), ("method", METHOD_OPTIONS)):
         g = glue.add_argument_group(f"{group} options (override the preset)")
         for flag, typ, help_text in options:
@@ -124,7 +129,7 @@ def train_options_from_args(args) -> "TrainOptions":
     method_values = {k: v for k, v in values.items() if k in method_fields}
     run_values = {k: v for k, v in values.items() if k not in method_fields}
     return TrainOptions(task=args.task, model=args.model, method=args.method, preset=args.preset,
-                        data_dir=args.data_dir, out=args.out, progress=not args.no_progress,
+                        data_dir=args.data_dir, out=args.out, progress=not args.no_progress, resume=args.resume,
                         method_options=MethodOptions(**method_values), **run_values)
 
 
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             cmd_export(Path(args.run_dir), Path(args.out), args.format)
             print(f"wrote {args.out}")
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"aroma: error: {err}", file=sys.stderr)
         return 2
     return 0
