@@ -151,13 +151,21 @@ def _prepare_peft(method, base, opts, max_steps, warmup_steps) -> MethodRun:
 
     def module_ranks() -> dict[str, int]:
         if method == "adalora":
-            return {n: int((m.lora_E["default"] != 0).sum()) for n, m in layers.items()}
+            # The ranks AdaLoRA's allocator has budgeted: init_r until its first masking, then the
+            # triplets its last rank pattern keeps. (Counting E != 0 is wrong both ways: E starts at
+            # zero, and masked entries train back between two maskings.)
+            pattern = inner.peft_config["default"].rank_pattern
+            if not pattern:
+                return {n: m.r["default"] for n, m in layers.items()}
+            kept = {k.replace(".default", ""): v for k, v in pattern.items()}
+            return {n: int(sum(kept[f"{n}.lora_E"])) for n in layers}
         return {n: m.r["default"] for n, m in layers.items()}
 
     def count_trainable() -> int:
-        # AdaLoRA masks pruned triplets (E = 0) instead of removing them: count what still trains,
+        # AdaLoRA masks pruned triplets instead of removing them: count the budgeted triplets,
         # rank * (in + out + 1) per module, plus the heads.
-        lora = sum(int((m.lora_E["default"] != 0).sum()) * (m.in_features + m.out_features + 1) for m in layers.values())
+        ranks = module_ranks()
+        lora = sum(ranks[n] * (m.in_features + m.out_features + 1) for n, m in layers.items())
         others = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
         return lora + others
 
