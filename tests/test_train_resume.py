@@ -62,7 +62,10 @@ def test_sigkill_mid_inner_loop_then_resume_gives_the_uninterrupted_adapter_bitw
     T.run(options(model_dir, mrpc_dir, ref_dir))
 
     spec = dataclasses.asdict(options(model_dir, mrpc_dir, run_dir)) | {"kill_at": 11, "marker": str(tmp_path / "at")}
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # The child computes with as many threads as this process, which computes the reference and the
+    # resumed steps: the blocking of a matrix product, and so its rounding, depends on the thread count.
+    threads = str(torch.get_num_threads())
+    env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, json.dumps(spec)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900  # a guard against a hang, generous for a loaded machine
@@ -204,7 +207,7 @@ def launch_and_compare(model_dir, mrpc_dir, tmp_path, launcher: list[str], proce
     T.run(options(model_dir, mrpc_dir, ref_dir))
     (tmp_path / "driver.py").write_text(LAUNCHED_RUN)
     spec = json.dumps(dataclasses.asdict(options(model_dir, mrpc_dir, run_dir)))
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # compared within rtol
     done = subprocess.run([sys.executable, *launcher, str(tmp_path / "driver.py"), spec], env=env,
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
