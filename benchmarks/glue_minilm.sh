@@ -14,8 +14,9 @@ for task in mrpc rte; do
   for method in aroma lora adalora relora; do
     .venv/bin/aroma train glue --task "$task" --model "$MODEL" --method "$method" --preset small-cpu \
       --data-dir "$DATA/$task" --out "$OUT/$task-$method" --no-progress "$@" > "$OUT/logs/$task-$method.log" 2>&1 \
-      || { echo "run $task-$method failed: see $OUT.$task-$method.log"; exit 1; }
+      || { echo "run $task-$method failed: see $OUT/logs/$task-$method.log"; exit 1; }
     echo "$task $method: $(.venv/bin/python -c "import json,sys; d=json.load(open('$OUT/$task-$method/final_metrics.json')); print(d['main_metric'], round(d['metrics'][d['main_metric']],4), 'steps', d['steps'], 'wall', round(d['wall_time_s']), 's')")"
   done
 done
 .venv/bin/aroma compare "$OUT"/mrpc-* "$OUT"/rte-* --out "$OUT/compare.md"
+.venv/bin/python benchmarks/run_table.py "$OUT"/mrpc-* "$OUT"/rte-* | tee "$OUT/runs.md"
