@@ -138,6 +138,70 @@ def test_fp32_base_folds_merged_components_into_its_weight(kind):
     torch.testing.assert_close(weight_out_in(layer.base_layer), folded, rtol=0, atol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------ gradients
+def reference_grads(x, w0, bias, merged, live, r, weight_of_out):
+    """d/dx, d/da, d/db of sum(y * weight_of_out) by float64 autograd on the formula of ``reference``."""
+    b, a = (t.clone().requires_grad_(True) for t in live)
+    x64 = x.detach().to(torch.float64).requires_grad_(True)
+    y = reference(x64, w0, bias, merged, (b, a), r)
+    (y * weight_of_out).sum().backward()
+    return x64.grad, a.grad, b.grad
+
+
+def uses_fused_path(out: torch.Tensor) -> bool:
+    return "LiveLinear" in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("r", [1, 3])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("input_needs_grad", [True, False])
+def test_gradients_equal_float64_reference(kind, r, fused, input_needs_grad):
+    layer, w0, bias, merged, live = build(kind, r, n_merges=2)
+    layer.base_layer.requires_grad_(False)  # as get_aroma_model leaves it
+    layer.fused = fused
+    x = torch.randn(2, 4, IN, generator=torch.Generator().manual_seed(3)).to(layer.base_layer.weight.dtype)
+    x.requires_grad_(input_needs_grad)
+    weight_of_out = torch.randn(2, 4, OUT, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    out = layer(x)
+    # The fused path is taken exactly for an fp32 base (merged components folded into W0).
+    assert uses_fused_path(out) == (fused and kind != "bf16_linear")
+    (out.to(torch.float64) * weight_of_out).sum().backward()
+    gx, ga, gb = reference_grads(x, w0, bias, merged, live, r, weight_of_out)
+    for got, expected in ((layer.lora_A.grad, ga), (layer.lora_B.grad, gb)) + (((x.grad, gx),) if input_needs_grad else ()):
+        torch.testing.assert_close(got.to(torch.float64), expected, **tolerance(kind, expected))
+    assert x.grad is None or input_needs_grad
+    assert layer.base_layer.weight.grad is None
+
+
+def test_fused_path_steps_aside_for_hooks_autocast_and_trainable_base_weights():
+    """Anything the fused kernel would bypass (hooks, autocast, a trainable W0) takes the plain path."""
+    x = torch.randn(3, IN)
+
+    def fresh():
+        layer, *_ = build("fp32_linear", r=1, n_merges=1)
+        return layer.requires_grad_(False).set_active(True) or layer
+
+    layer = fresh()
+    assert uses_fused_path(layer(x))
+    calls = []
+    layer.base_layer.register_forward_hook(lambda *args: calls.append(1))
+    assert not uses_fused_path(layer(x)) and calls == [1]
+
+    layer = fresh()
+    layer.base_layer.weight.requires_grad_(True)
+    layer(x).sum().backward()
+    assert layer.base_layer.weight.grad is not None
+
+    layer = fresh()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # F.linear autocasts; the fused kernel would not
+
+    layer = fresh()
+    layer.set_active(False)
+    assert not uses_fused_path(layer(x))
+
+
 # ------------------------------------------------------------------------------------------ reinit
 @pytest.mark.parametrize("r", [1, 4])
 def test_reinit_gives_zero_b_and_bounded_nonzero_kaiming_a(r):

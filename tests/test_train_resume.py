@@ -223,9 +223,12 @@ def launch_and_compare(model_dir, mrpc_dir, tmp_path, launcher: list[str], proce
     # Two half-batch gradients averaged round differently from one whole-batch gradient (~1e-7), and
     # the prune Reset amplifies that: an entry whose exp_avg survives the prune while its exp_avg_sq
     # is zeroed moves by about exp_avg / |g| after the reset. Measured under torchrun: at most 1.8e-5
-    # on an entry of size 2.59 (7e-6 relative), every other entry within 1e-6. Hence rtol here.
+    # on an entry of size 2.59 (7e-6 relative), every other entry within 2e-6. Rounding alone moves
+    # the adapter that much: in one process, the fused and the plain layer path (same maths, other
+    # summation order) end 1.3e-6 apart on merged_B entries and 1.3e-5 on that lora_A entry. A real
+    # fault (an unreduced or unscaled gradient) moves entries by about lr = 5e-3. Hence the tolerances.
     for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=5e-6, msg=key)
 
 
 def test_the_plain_training_loop_under_accelerate_launch_matches_one_process(model_dir, mrpc_dir, tmp_path):

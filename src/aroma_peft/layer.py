@@ -48,6 +48,52 @@ def copy_full_(dst: torch.Tensor, whole: torch.Tensor) -> None:
     dst.copy_(like(dst, whole))
 
 
+class _LiveLinear(torch.autograd.Function):
+    """``x W^T + bias + s (x a^T) b^T`` and its gradients in as few passes over memory as possible.
+
+    Used for the common case: an fp32 base layer (merged components already folded into ``W``)
+    whose weight and bias are frozen. Compared with the plain autograd path (which writes the
+    ``N x out`` outer product, scales it, and adds it to the base output; then, backward, writes
+    the ``N x in`` rank-r input gradient and adds it to the base's):
+
+    - forward: the rank-r term is written once, as the GEMM's accumulator (``bias + (s x a^T) b^T``,
+      one ``addmm`` that replaces the bias broadcast ``F.linear`` does anyway), then
+      ``out += x W^T`` in place;
+    - backward: the rank-r input gradient ``(s g b) a`` is written once and ``dx += g W`` is
+      accumulated into it in place; the factor gradients are two thin products.
+
+    ``W`` is ``(out, in)`` for ``nn.Linear`` and ``(in, out)`` for GPT-2's ``Conv1D``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling: float, conv1d: bool):
+        in_features = a.shape[1]
+        x2 = x.reshape(-1, in_features)
+        u = x2 @ a.t()  # (N, r): the only new activation kept for the backward pass
+        us = u * scaling
+        out = torch.addmm(bias, us, b.t()) if bias is not None else us @ b.t()
+        out.addmm_(x2, weight if conv1d else weight.t())
+        ctx.save_for_backward(x, weight, a, b, us)
+        ctx.scaling, ctx.conv1d = scaling, conv1d
+        return out.view(*x.shape[:-1], b.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, a, b, us = ctx.saved_tensors
+        g2 = grad_out.reshape(-1, b.shape[0])
+        vs = (g2 @ b) * ctx.scaling  # (N, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = vs @ a
+            grad_x.addmm_(g2, weight.t() if ctx.conv1d else weight)
+            grad_x = grad_x.view(x.shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = vs.t() @ x.reshape(-1, a.shape[1])
+        if ctx.needs_input_grad[4]:
+            grad_b = g2.t() @ us
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
 class AromaLinear(nn.Module):
     """``W0 x + bias + s (B_{p-1} A_{p-1}) x + s (b_p a_p) x`` with ``s = alpha / r`` (paper eq. 4).
 
@@ -107,7 +153,30 @@ class AromaLinear(nn.Module):
             self.lora_B.grad = None
 
     # ---------------------------------------------------------------- forward
+    # The fused path (``_LiveLinear``) is taken when it computes exactly what the plain path does;
+    # set ``fused = False`` on a layer (or the class) to force the plain path.
+    fused = True
+
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        base = self.base_layer
+        w, bias = base.weight, base.bias
+        return (
+            self.fused
+            and self.active
+            and (self.fold_merged or not self.rank)
+            and type(base) in SUPPORTED_BASE_LAYERS  # not a subclass (quantized layers subclass nn.Linear)
+            and x.dtype == w.dtype == torch.float32
+            and not w.requires_grad
+            and (bias is None or not bias.requires_grad)
+            and not hasattr(w, "device_mesh")  # FSDP2 DTensor
+            and not torch.is_autocast_enabled(x.device.type)
+            and not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._can_fuse(x):
+            base = self.base_layer
+            return _LiveLinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, self.is_conv1d)
         out = self.base_layer(x)
         if self.rank and not self.fold_merged:
             out = out + self.scaling * F.linear(F.linear(x.to(torch.float32), self.merged_A), self.merged_B).to(out.dtype)
