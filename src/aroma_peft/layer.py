@@ -48,6 +48,17 @@ def copy_full_(dst: torch.Tensor, whole: torch.Tensor) -> None:
     dst.copy_(like(dst, whole))
 
 
+def _low_rank_product(left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``bias + left @ right`` for ``left`` (N, r) and ``right`` (r, M), written once.
+
+    For r = 1 an elementwise broadcast (``addcmul``) writes the N x M outer product at memory speed;
+    a GEMM with an inner dimension of 1 is 2-4x slower on CPU (``benchmarks/README.md``).
+    """
+    if left.shape[1] == 1:
+        return torch.addcmul(bias, left, right) if bias is not None else left * right
+    return torch.addmm(bias, left, right) if bias is not None else left @ right
+
+
 class _LiveLinear(torch.autograd.Function):
     """``x W^T + bias + s (x a^T) b^T`` and its gradients in as few passes over memory as possible.
 
@@ -71,7 +82,7 @@ class _LiveLinear(torch.autograd.Function):
         x2 = x.reshape(-1, in_features)
         u = x2 @ a.t()  # (N, r): the only new activation kept for the backward pass
         us = u * scaling
-        out = torch.addmm(bias, us, b.t()) if bias is not None else us @ b.t()
+        out = _low_rank_product(us, b.t(), bias)
         out.addmm_(x2, weight if conv1d else weight.t())
         ctx.save_for_backward(x, weight, a, b, us)
         ctx.scaling, ctx.conv1d = scaling, conv1d
@@ -84,7 +95,7 @@ class _LiveLinear(torch.autograd.Function):
         vs = (g2 @ b) * ctx.scaling  # (N, r)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = vs @ a
+            grad_x = _low_rank_product(vs, a)
             grad_x.addmm_(g2, weight.t() if ctx.conv1d else weight)
             grad_x = grad_x.view(x.shape)
         if ctx.needs_input_grad[3]:
