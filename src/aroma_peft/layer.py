@@ -52,7 +52,8 @@ def _low_rank_product(left: torch.Tensor, right: torch.Tensor, bias: torch.Tenso
     """``bias + left @ right`` for ``left`` (N, r) and ``right`` (r, M), written once.
 
     For r = 1 an elementwise broadcast (``addcmul``) writes the N x M outer product at memory speed;
-    a GEMM with an inner dimension of 1 is 2-4x slower on CPU (``benchmarks/README.md``).
+    a GEMM with an inner dimension of 1 (``addmm``) was slower on CPU
+    (``benchmarks/results/module_step.md``, components table).
     """
     if left.shape[1] == 1:
         return torch.addcmul(bias, left, right) if bias is not None else left * right
