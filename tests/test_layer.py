@@ -395,3 +395,47 @@ def test_print_trainable_parameters(capsys):
     out = capsys.readouterr().out.strip()
     assert out == f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
     assert model.get_nb_trainable_parameters() == (trainable, total)
+
+
+# ------------------------------------------------------------------------------------------ whole model
+@pytest.mark.parametrize("model_fn", [tiny_bert, tiny_gpt2])
+def test_fused_model_gives_the_plain_paths_loss_and_gradients_also_under_checkpointing(model_fn):
+    """The whole model through the fused path equals the plain path, and activation checkpointing
+    (which reruns the forward in the backward pass) leaves the gradients as they are."""
+    from conftest import synthetic_batches
+
+    batch = synthetic_batches(1)[0]
+    if model_fn is tiny_gpt2:
+        batch = {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
+
+    def loss_and_grads(fused: bool, checkpointing: bool):
+        model = get_aroma_model(model_fn(0), AromaConfig(target_modules="all-linear", r=1, alpha=ALPHA))
+        g = torch.Generator().manual_seed(1)
+        for layer in model.aroma_layers.values():
+            layer.fused = fused
+            with torch.no_grad():
+                layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=g))
+        base = model.base_model
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert base.is_gradient_checkpointing
+        base.train()
+        seen = []
+        hooks = [m.register_forward_hook(lambda _m, _a, y: seen.append(uses_fused_path(y)))
+                 for m in model.aroma_layers.values()]
+        out = model(**batch)
+        out.loss.backward()
+        for h in hooks:
+            h.remove()
+        assert seen and set(seen) == {fused}  # every module took the path asked for
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out.loss.detach(), grads
+
+    loss_ref, grads_ref = loss_and_grads(fused=False, checkpointing=False)
+    assert len(grads_ref) >= 8
+    for fused, ckpt in ((True, False), (True, True)):
+        loss, grads = loss_and_grads(fused, ckpt)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+        assert grads.keys() == grads_ref.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
