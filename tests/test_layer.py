@@ -439,3 +439,28 @@ def test_fused_model_gives_the_plain_paths_loss_and_gradients_also_under_checkpo
         assert grads.keys() == grads_ref.keys()
         for name in grads:
             torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_torch_compile_traces_the_fused_path_and_computes_the_same_gradients():
+    # aot_eager: dynamo and AOTAutograd trace the custom autograd function, without a C++ compiler.
+    from conftest import synthetic_batches
+
+    batch = synthetic_batches(1)[0]
+
+    def loss_and_grads(compiled: bool):
+        model = get_aroma_model(tiny_bert(0), AromaConfig(target_modules="all-linear", r=1, alpha=ALPHA))
+        g = torch.Generator().manual_seed(1)
+        for layer in model.aroma_layers.values():
+            with torch.no_grad():
+                layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=g))
+        forward = torch.compile(model.base_model, backend="aot_eager") if compiled else model.base_model
+        loss = forward(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss_ref, grads_ref = loss_and_grads(False)
+    loss, grads = loss_and_grads(True)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-7)
+    assert grads.keys() == grads_ref.keys() and len(grads) >= 8
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
