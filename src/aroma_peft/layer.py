@@ -68,8 +68,8 @@ class _LiveLinear(torch.autograd.Function):
     ``N x out`` outer product, scales it, and adds it to the base output; then, backward, writes
     the ``N x in`` rank-r input gradient and adds it to the base's):
 
-    - forward: the rank-r term is written once, as the GEMM's accumulator (``bias + (s x a^T) b^T``,
-      one ``addmm`` that replaces the bias broadcast ``F.linear`` does anyway), then
+    - forward: the rank-r term is written once, as the GEMM's accumulator (``bias + (s x a^T) b^T``
+      by ``_low_rank_product``, in place of the bias broadcast ``F.linear`` does anyway), then
       ``out += x W^T`` in place;
     - backward: the rank-r input gradient ``(s g b) a`` is written once and ``dx += g W`` is
       accumulated into it in place; the factor gradients are two thin products.
@@ -81,8 +81,7 @@ class _LiveLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, a, b, scaling: float, conv1d: bool):
         in_features = a.shape[1]
         x2 = x.reshape(-1, in_features)
-        u = x2 @ a.t()  # (N, r): the only new activation kept for the backward pass
-        us = u * scaling
+        us = (x2 @ a.t()) * scaling  # (N, r): the only new activation kept for the backward pass
         out = _low_rank_product(us, b.t(), bias)
         out.addmm_(x2, weight if conv1d else weight.t())
         ctx.save_for_backward(x, weight, a, b, us)
