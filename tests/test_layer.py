@@ -178,9 +178,10 @@ def test_fused_path_steps_aside_for_hooks_autocast_and_trainable_base_weights():
     """Anything the fused kernel would bypass (hooks, autocast, a trainable W0) takes the plain path."""
     x = torch.randn(3, IN)
 
-    def fresh():
+    def fresh():  # frozen base, trainable live factors: as get_aroma_model leaves a layer
         layer, *_ = build("fp32_linear", r=1, n_merges=1)
-        return layer.requires_grad_(False).set_active(True) or layer
+        layer.base_layer.requires_grad_(False)
+        return layer
 
     layer = fresh()
     assert uses_fused_path(layer(x))
