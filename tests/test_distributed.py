@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from conftest import synthetic_batches, tiny_bert
 from safetensors.torch import load_file, save_file
 from test_cli import model_dir, mrpc_dir  # noqa: F401  (fixtures: a tiny BERT with tokenizer, MRPC files)
+from test_reset import check_first_updates, first_updates_after_merges
 from test_train_resume import launch_and_compare
 
 from aroma_peft import AromaConfig, AromaController, AromaModel, get_aroma_model
@@ -106,8 +107,27 @@ def worker(rank: int, directory: str) -> None:
             save_file(tensors, f"{directory}/{mode}-rank{rank}.safetensors")
             with open(f"{directory}/{mode}-rank{rank}.json", "w") as f:
                 json.dump(log, f)
+        # The prune Reset on MiniLM-wide factors: the first update after each merge, whole tensors.
+        for mode, wrap in (("ddp", _ddp), ("fsdp2", _fsdp2)):
+            records = first_updates_after_merges("prune", wrap=wrap, rank=rank, world=WORLD)
+            torch.save(records, f"{directory}/{mode}-reset-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _ddp(model):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, find_unused_parameters=True)
+
+
+def _fsdp2(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +191,14 @@ def _same_but_ratios(log, ref_log) -> bool:
 def test_the_plain_training_loop_under_torchrun_matches_one_process(model_dir, mrpc_dir, tmp_path):
     launch_and_compare(model_dir, mrpc_dir, tmp_path,
                        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"])
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_the_prune_reset_draws_the_same_masks_on_every_process_and_bounds_the_next_update(two_processes, mode):
+    reference = check_first_updates(first_updates_after_merges("prune"), "prune")
+    for r in range(WORLD):
+        records = torch.load(two_processes / f"{mode}-reset-rank{r}.pt")
+        masks = check_first_updates(records, "prune")  # on every process: one mask, <= KEPT_BOUND * lr
+        assert len(masks) == len(reference)
+        for mask, ref in zip(masks, reference):
+            assert torch.equal(mask, ref)  # the same kept entries as one process, on every process

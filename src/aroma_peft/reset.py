@@ -14,16 +14,24 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
                           mode: str, prune_ratio: float = 0.999, seed: int = 0) -> None:
     """Reset the state ``optimizer`` keeps for ``params`` (looked up by Parameter object).
 
-    ``mode="prune"`` zeroes a random ``prune_ratio`` of every moment tensor (Adam's ``exp_avg``,
-    ``exp_avg_sq``, SGD's ``momentum_buffer``: any state tensor shaped like the parameter), the
-    paper's choice; ``"zero"`` zeroes all of them; ``"none"`` leaves the state as it is.
+    ``mode="prune"`` zeroes a random ``prune_ratio`` of the entries of the moments (Adam's
+    ``exp_avg`` and ``exp_avg_sq``, SGD's ``momentum_buffer``: any state tensor shaped like the
+    parameter), the paper's choice; ``"zero"`` zeroes all of them; ``"none"`` leaves the state as it is.
+
+    ``prune`` draws **one mask per parameter** and applies it to every moment, so an entry keeps
+    all of its moments or none. (With a mask per moment, an entry could keep ``exp_avg`` and lose
+    ``exp_avg_sq``: right after a merge its gradient is 0, and Adam moves it by about
+    ``9 m_old / eps``, tens of thousands of times the learning rate.)
 
     With ``prune`` or ``zero`` the per-parameter ``step`` is set to 0, so Adam's bias correction
-    treats the next step as a first step: with zeroed moments and a large step count, the next
-    update would be ``(1-b1)/sqrt(1-b2)`` = 3.16 times the size of a fresh Adam step.
+    treats the next step as a first step: an entry whose moments were zeroed moves by at most ``lr``,
+    exactly as in a fresh optimizer, and a kept entry by at most ``lr / sqrt(1 - b1**2 / b2)``
+    (2.30 lr for Adam's defaults; docs/algorithm.md). With zeroed moments and a large step count,
+    the next update would instead be ``(1-b1)/sqrt(1-b2)`` = 3.16 times a fresh Adam step.
 
-    The masks are drawn from a generator seeded by ``seed`` and the parameter's position, so every
-    process of a data-parallel run draws the same ones. State of other parameters is untouched.
+    The masks are drawn from a generator seeded by ``seed`` and the parameter's position, whole
+    (also for an FSDP2 shard, which keeps its own part), so every process of a data-parallel run
+    draws the same ones. State of other parameters is untouched.
     """
     if mode == "none":
         return
@@ -33,7 +41,9 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
         state = optimizer.state.get(p)
         if not state:
             continue
-        gen = torch.Generator().manual_seed(derived_seed(seed, k))
+        if mode == "prune":
+            gen = torch.Generator().manual_seed(derived_seed(seed, k))
+            keep = (torch.rand(p.shape, generator=gen) >= prune_ratio).to(torch.float32)  # whole mask
         for key, value in state.items():
             if not torch.is_tensor(value):
                 continue
@@ -43,8 +53,7 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
                 if mode == "zero":
                     value.zero_()
                 else:
-                    keep = torch.rand(value.shape, generator=gen) >= prune_ratio  # whole mask, then this shard
-                    value.mul_(like(value, keep.to(torch.float32)))
+                    value.mul_(like(value, keep))  # this process's part of the one mask
 
 
 def drop_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter]) -> None:
