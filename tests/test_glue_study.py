@@ -1,0 +1,94 @@
+"""benchmarks/glue_study.py: tuning then seeds, ablation arms, skipping what is done, the report."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import model_dir, mrpc_dir  # noqa: F401  (fixtures: a tiny BERT with tokenizer, MRPC files)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("glue_study", ROOT / "benchmarks" / "glue_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["glue_study"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_spec(tmp_path, model_dir, mrpc_dir) -> Path:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mrpc").symlink_to(mrpc_dir)
+    spec = {
+        "name": "tiny", "model": str(model_dir), "data_dir": str(tmp_path / "data"),
+        "results": str(tmp_path / "results"), "work": str(tmp_path / "work"), "seeds": [0, 1],
+        "common": {"batch_size": 16, "eval_steps": 3, "warmup_steps": 1},
+        "tasks": {"mrpc": {"max_steps": 6}},
+        "arms": {
+            "lora": {"method": "lora", "options": {"r": 2, "alpha": 4.0}, "grid": {"lr": [1e-4, 5e-3]}},
+            "aroma": {"method": "aroma", "options": {"lr": 5e-3, "eps_in": None, "check_interval": 1,
+                                                     "max_inner_steps": "0.5*T", "restart_warmup_steps": 1}},
+            "aroma-no-reset": {"from": "aroma", "options": {"reset": "none"}},
+        },
+    }
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_tunes_then_runs_seeds_then_skips_what_is_done(study, model_dir, mrpc_dir, tmp_path):  # noqa: F811
+    path = write_spec(tmp_path, model_dir, mrpc_dir)
+    assert study.main([str(path), "--jobs", "2", "--threads", "1"]) == 0
+    runs = sorted(p.parent.relative_to(tmp_path / "results" / "runs").as_posix()
+                  for p in (tmp_path / "results" / "runs").glob("*/*/*/study_run.json"))
+    finals = {r: json.loads((tmp_path / "results" / "runs" / r / "final_metrics.json").read_text()) for r in runs}
+    # lora: two trials at seed 0, then seed 1 of the better one; aroma: one trial, two seeds; the
+    # ablation: aroma's chosen trial with reset=none, two seeds.
+    lora_tune = {r: f for r, f in finals.items() if r.startswith("mrpc/lora/") and r.endswith("-s0")}
+    assert len(lora_tune) == 2 and len([r for r in runs if r.startswith("mrpc/lora/")]) == 3
+    best = max(lora_tune, key=lambda r: (finals[r]["metrics"]["accuracy"], r))  # independent argmax
+    lora_seed1 = [r for r in runs if r.startswith("mrpc/lora/") and r.endswith("-s1")]
+    if len({f["metrics"]["accuracy"] for f in lora_tune.values()}) == 2:  # no tie: the winner is unique
+        assert lora_seed1 == [best[:-3] + "-s1"]
+    assert len([r for r in runs if r.startswith("mrpc/aroma/")]) == 2
+    no_reset = [r for r in runs if r.startswith("mrpc/aroma-no-reset/")]
+    assert len(no_reset) == 2
+    configs = [json.loads((tmp_path / "results" / "runs" / r / "config.json").read_text()) for r in no_reset]
+    assert all(c["method_options"]["reset"] == "none" and c["method_options"]["max_inner_steps"] == 3 for c in configs)
+    assert all(f["steps"] == 6 for f in finals.values())
+    # Done runs are not run again; the report lists every arm with its seeds.
+    assert study.runnable(study.load_spec(path), ["mrpc"], ["lora", "aroma", "aroma-no-reset"]) == []
+    report = (tmp_path / "results" / "results.md").read_text()
+    for arm in ("lora", "aroma", "aroma-no-reset"):
+        assert f"| {arm} |" in report
+    assert "(2 seeds)" in report and "Majority class" in report
+    for figure in ("mrpc_curves.png", "mrpc_trainable.png", "mrpc_ranks.png"):
+        assert (tmp_path / "results" / figure).stat().st_size > 0
+    data = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert len(data["runs"]) == 7
+    # Fig. 4: the first components are trained before any Reset, so with and without Reset (same
+    # seed) they are the same: cosine 1; the later ones differ.
+    cos = json.loads((tmp_path / "results" / "mrpc_cosine_aroma-no-reset.json").read_text())
+    assert abs(cos["diagonal_mean"][0] - 1) < 1e-6 and len(cos["diagonal_mean"]) >= 2
+    assert (tmp_path / "results" / "mrpc_cosine_aroma-no-reset.png").stat().st_size > 0
+    assert "Appendix E (Fig. 4) analogue" in report
+
+
+def test_a_bad_spec_names_the_field(study, tmp_path):
+    path = tmp_path / "spec.json"
+    base = {"model": "m", "data_dir": "d", "results": "r", "work": "w", "seeds": [0], "tasks": {"mrpc": {"max_steps": 0}},
+            "arms": {}}
+    path.write_text(json.dumps(base))
+    with pytest.raises(ValueError, match=r"tasks.mrpc.max_steps must be a positive integer"):
+        study.load_spec(path)
+    path.write_text(json.dumps(base | {"tasks": {"mrpc": {"max_steps": 5}}, "arms": {"x": {"from": "y"}}}))
+    with pytest.raises(ValueError, match=r"arms.x.from='y' must name an arm"):
+        study.load_spec(path)
+
+
+def test_fractions_of_T_become_step_counts(study):
+    assert study.resolve({"max_inner_steps": "0.125*T", "lr": 1e-3}, 920) == {"max_inner_steps": 115, "lr": 1e-3}
