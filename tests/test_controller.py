@@ -195,3 +195,28 @@ def test_eq6_is_relative_to_the_weight_norm():
         expected = 4.0 * torch.linalg.norm(layer.lora_B @ layer.lora_A) / torch.linalg.norm(base.weight * scale)
         assert ratios[-1] == pytest.approx(expected.item(), rel=1e-6)
     assert ratios[1] == pytest.approx(ratios[0] / 2, rel=1e-6)
+
+
+def test_outer_criterion_update_gives_every_module_a_component_and_converges_on_the_update_ratio():
+    model, opt, ctrl = make({"outer_criterion": "update", "eps_out": 0.5})
+    data = synthetic_batches(20)
+    ratios = {}
+
+    def record(step, before=None):
+        if before is None:  # before controller.step(): the ratio each module would be judged on
+            return {i: layer.outer_ratio("update").item() for i, layer in enumerate(ctrl.layers) if layer.active}
+        for check in ctrl.outer_checks:
+            if check["step"] == step + 1:
+                ratios[step + 1] = (before, check)
+
+    train(model, opt, ctrl, data, 600, on_step=record)
+    assert ctrl.finished and ratios
+    for before, check in ratios.values():
+        for i, logged in zip(check["modules"], check["eq6_ratio"]):
+            if logged is None:  # first component: no merged update yet, so never converged
+                assert before[i] == float("inf") and i not in check["converged"]
+            else:
+                assert logged == pytest.approx(before[i], rel=1e-6)
+                assert (i in check["converged"]) == (logged < 0.5)
+    assert min(model.ranks().values()) >= 1
+

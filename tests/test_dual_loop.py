@@ -95,6 +95,13 @@ def test_nan_norm_never_converges_and_nan_ratio_is_an_error():
         run(loop, s, 1)
 
 
+def test_an_infinite_ratio_is_not_converged_and_merges():
+    # outer_criterion="update" before the first merge: nothing to compare with, so the module merges.
+    loop = make_loop(n=1, max_inner_steps=4)
+    d = run(loop, Script(norms={0: [1.0, 1.0]}, ratios={0: [math.inf]}), 4)
+    assert d[3].merged == [0] and not d[3].converged and loop.modules[0].last_ratio is None
+
+
 def test_all_converged_finishes_before_max_steps():
     loop = make_loop(n=2, max_steps=1000)
     s = Script(norms={0: [1, 1], 1: [1, 1]}, ratios={0: [0.1], 1: [0.2]})

@@ -260,6 +260,19 @@ def test_outer_ratio_matches_eq6_computed_by_hand(kind, r):
     merged_weight = w0 + s * sum(bk @ ak for bk, ak in merged)
     expected = s * torch.linalg.norm(b @ a) / torch.linalg.norm(merged_weight)
     torch.testing.assert_close(layer.outer_ratio().double(), expected, rtol=1e-5, atol=0)
+    # outer_criterion="update": the same live norm over the merged update's norm, without W0.
+    expected_update = torch.linalg.norm(b @ a) / torch.linalg.norm(sum(bk @ ak for bk, ak in merged))
+    torch.testing.assert_close(layer.outer_ratio("update").double(), expected_update, rtol=1e-5, atol=0)
+
+
+def test_outer_ratio_update_is_inf_before_the_first_merge_and_nan_for_a_non_finite_component():
+    layer, *_ = build("linear", 1, n_merges=0)
+    assert layer.rank == 0 and layer.outer_ratio("update").item() == float("inf")
+    with torch.no_grad():
+        layer.lora_B.fill_(float("inf"))
+    assert torch.isnan(layer.outer_ratio("update")) and torch.isnan(layer.outer_ratio("weight"))
+    with pytest.raises(ValueError, match="outer criterion 'norm' is invalid"):
+        layer.outer_ratio("norm")
 
 
 # ------------------------------------------------------------------------------------------ whole-weight views

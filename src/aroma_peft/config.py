@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Union
 
 RESET_MODES = ("prune", "zero", "none")
+OUTER_CRITERIA = ("weight", "update")
 
 TargetModules = Union[str, tuple[str, ...]]
 
@@ -49,6 +50,10 @@ class AromaConfig:
         max_inner_steps: T_in, the most steps one inner loop may take.
         eps_out: outer tolerance of eq. (6); None switches eq. (6) off (no module converges: every
             inner loop ends in a merge until T). Both None with ``r`` > 1 is ReLoRA (paper §4.1).
+        outer_criterion: what eq. (6) divides the live component's norm ``||s b_p a_p||_F`` by:
+            ``"weight"`` (the paper): ``||W0 + s B_{p-1} A_{p-1}||_F``; ``"update"``: the merged
+            update ``||s B_{p-1} A_{p-1}||_F``, which does not depend on the pretrained weights' scale
+            (a module cannot converge before its first merge). See docs/algorithm.md.
         max_steps: T, the most optimizer steps of the whole run (None: set it on the controller).
         warmup_steps: warmup of the first component.
         restart_warmup_steps: warmup after each Merge & Reinit & Reset.
@@ -73,6 +78,7 @@ class AromaConfig:
     check_interval: int = 10
     max_inner_steps: int = 200
     eps_out: float | None = 5e-3
+    outer_criterion: str = "weight"
     max_steps: int | None = None
     warmup_steps: int = 100
     restart_warmup_steps: int = 50
@@ -129,6 +135,8 @@ class AromaConfig:
                   f"at least check_interval={self.check_interval}, or no inner check could ever run")
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             _fail("warmup_steps", self.warmup_steps, f"fewer than max_steps={self.max_steps}")
+        if self.outer_criterion not in OUTER_CRITERIA:
+            _fail("outer_criterion", self.outer_criterion, f"one of {OUTER_CRITERIA}")
         if self.reset not in RESET_MODES:
             _fail("reset", self.reset, f"one of {RESET_MODES}")
         if isinstance(self.prune_ratio, bool) or not isinstance(self.prune_ratio, (int, float)) \

@@ -115,7 +115,7 @@ class AromaController:
         return self._stacked([self.layers[i].live_norm() for i in indices])
 
     def _ratios(self, indices: list[int]) -> list[float]:
-        return self._stacked([self.layers[i].outer_ratio() for i in indices])
+        return self._stacked([self.layers[i].outer_ratio(self.config.outer_criterion) for i in indices])
 
     def _apply(self, d: Decision) -> None:
         """Carry out a decision after the optimizer step, before the next forward."""

@@ -130,11 +130,12 @@ class DualLoop:
         for i, ratio in zip(active, ratios(active)):
             m = self.modules[i]
             ratio = float(ratio)
-            if not math.isfinite(ratio):
+            # +inf: nothing to compare with yet (outer_criterion="update" before the first merge).
+            if math.isnan(ratio) or ratio < 0:
                 raise FloatingPointError(
                     f"module #{i}: the ratio of eq. (6) is {ratio} at step {self.step_count}; "
                     "the live component is not finite and will not be merged")
-            m.last_ratio = ratio
+            m.last_ratio = ratio if math.isfinite(ratio) else None
             if self.eps_out is not None and ratio < self.eps_out:
                 m.converged = True
                 m.finished_at = self.step_count

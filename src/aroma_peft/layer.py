@@ -213,9 +213,23 @@ class AromaLinear(nn.Module):
         # A sharded W0 (FSDP2): the norm of the shards' norms, the same on every process.
         return full_tensor(torch.linalg.vector_norm(w))
 
-    def outer_ratio(self) -> torch.Tensor:
-        """||s b_p a_p||_F / ||W0 + s B_{p-1} A_{p-1}||_F, the left side of eq. (6)."""
-        return self.scaling * self.live_norm() / self.merged_weight_norm()
+    def merged_update_norm(self) -> torch.Tensor:
+        """||B_{p-1} A_{p-1}||_F of the merged components, from their r x r Gram matrices."""
+        a, b = self.merged_A, self.merged_B
+        return torch.sum((b.T @ b) * (a @ a.T)).clamp_min(0).sqrt()
+
+    def outer_ratio(self, criterion: str = "weight") -> torch.Tensor:
+        """The left side of eq. (6): ``||s b_p a_p||_F`` over ``||W0 + s B_{p-1} A_{p-1}||_F``
+        (``criterion="weight"``, the paper) or over ``||s B_{p-1} A_{p-1}||_F`` (``"update"``; +inf
+        before the first merge, NaN for a non-finite live component)."""
+        live = self.live_norm()
+        if criterion == "weight":
+            ratio = self.scaling * live / self.merged_weight_norm()
+        elif criterion == "update":
+            ratio = live / self.merged_update_norm().to(live.device) if self.rank else torch.full_like(live, torch.inf)
+        else:
+            raise ValueError(f"outer criterion {criterion!r} is invalid: expected 'weight' or 'update'")
+        return torch.where(torch.isfinite(live), ratio, torch.nan)  # never merge a non-finite component
 
     # ---------------------------------------------------------------- Merge & Reinit
     @torch.no_grad()
