@@ -418,7 +418,8 @@ def plot_task(spec: dict, rows: list[dict], task: str, results: Path) -> None:
         ys = [e["trainable_params"] for e in hist] + [hist[-1]["trainable_params"]]
         ax.step(xs, ys, where="post", label=arm)
     ax.set(xlabel="step", ylabel="trainable parameters", yscale="log", title=f"{task}: trainable parameters (seed of the first row)")
-    ax.legend(fontsize=7)
+    if arms:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(results / f"{task}_trainable.png", dpi=110)
     plt.close(fig)
