@@ -220,3 +220,34 @@ def test_outer_criterion_update_gives_every_module_a_component_and_converges_on_
                 assert (i in check["converged"]) == (logged < 0.5)
     assert min(model.ranks().values()) >= 1
 
+
+
+@pytest.mark.parametrize("mode", ["merge", "discard"])
+def test_a_converged_module_merges_or_discards_its_last_component(mode):
+    # "merge": freezing leaves the function unchanged and every outer check adds a component;
+    # "discard" (the paper): the last component is thrown away, so the output moves.
+    model, opt, ctrl = make({"converged_component": mode})
+    probe = synthetic_batches(1, seed=99)[0]
+    changes = []
+
+    def on_step(step, before=None):
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=probe["input_ids"]).logits
+        model.train()
+        if before is None:
+            return logits
+        check = ctrl.outer_checks[-1] if ctrl.outer_checks else None
+        if check is not None and check["step"] == step + 1 and check["converged"]:
+            changes.append((logits - before).abs().max().item())
+
+    train(model, opt, ctrl, synthetic_batches(20), 600, on_step=on_step)
+    assert ctrl.finished and changes
+    if mode == "merge":
+        assert max(changes) <= 1e-5
+        for i, rank in enumerate(model.ranks().values()):
+            assert rank == sum(i in c["modules"] for c in ctrl.outer_checks)  # every component kept
+    else:
+        assert max(changes) > 1e-3
+        for i, rank in enumerate(model.ranks().values()):
+            assert rank == sum(i in c["modules"] for c in ctrl.outer_checks) - 1  # the last one discarded

@@ -60,3 +60,27 @@ def test_real_privacy_policy_file():
     share_true = sum(e.label for e in splits["train"]) / len(splits["train"])
     assert 0.45 < share_true < 0.55
     assert not {e.text_b for e in splits["dev"]} & {e.text_b for e in splits["train"]}
+
+
+def test_the_demo_summarises_what_aroma_decided(tmp_path):
+    from test_plots_report import write_run
+
+    from aroma_peft.demo import aroma_behaviour
+
+    ranks = [{"module": f"m{i}", "rank": r, "effective_rank": float(r)} for i, r in enumerate([1, 2, 2, 3])]
+    history = [{"step": 0, "trainable_params": 4000, "total_rank": 0, "ranks": [0] * 4},
+               {"step": 200, "trainable_params": 2000, "total_rank": 6, "ranks": [1, 2, 2, 2]},
+               {"step": 270, "trainable_params": 770, "total_rank": 8, "ranks": [1, 2, 2, 3]}]
+    run = write_run(tmp_path / "aroma", history=history, ranks=ranks, steps=300)
+    data = json.loads((run / "rank_history.json").read_text())
+    data["outer_checks"] = [{"step": 100, "inner_steps": 100, "modules": [0, 1, 2, 3], "eq5_change": [None] * 4,
+                             "eq6_ratio": [0.02] * 4, "converged": []},
+                            {"step": 200, "inner_steps": 100, "modules": [0, 1, 2, 3], "eq5_change": [None] * 4,
+                             "eq6_ratio": [0.005, 0.02, 0.02, 0.02], "converged": [0]},
+                            {"step": 270, "inner_steps": 70, "modules": [1, 2, 3], "eq5_change": [0.05] * 3,
+                             "eq6_ratio": [0.005, 0.005, 0.02], "converged": [1, 2]}]
+    (run / "rank_history.json").write_text(json.dumps(data))
+    text = aroma_behaviour(run)
+    assert "4 modules stopped at ranks 1 to 3 (median 2, total 8)" in text
+    assert "before T=300: 1 at step 200, 2 at step 270" in text
+    assert "4,000 at step 0 -> 2,000 at step 200 -> 770 at step 270" in text

@@ -38,6 +38,7 @@ METHOD_OPTIONS = [
     ("dropout", float, "LoRA dropout (PEFT methods)"),
     ("eps-in", float, "AROMA inner tolerance, eq. (5)"),
     ("eps-out", float, "AROMA outer tolerance, eq. (6)"),
+    ("converged-component", str, "AROMA: a converged module's last component is discarded (the paper) or merged"),
     ("outer-criterion", str, "AROMA eq. (6) relative to: weight (the paper, ||W0 + s B A||) or update (||s B A||)"),
     ("check-interval", int, "AROMA ΔT_in: steps between inner checks"),
     ("max-inner-steps", int, "AROMA T_in (ReLoRA: cycle length)"),

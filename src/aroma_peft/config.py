@@ -12,6 +12,7 @@ from typing import Union
 
 RESET_MODES = ("prune", "zero", "none")
 OUTER_CRITERIA = ("weight", "update")
+CONVERGED_COMPONENT = ("discard", "merge")
 
 TargetModules = Union[str, tuple[str, ...]]
 
@@ -54,6 +55,8 @@ class AromaConfig:
             ``"weight"`` (the paper): ``||W0 + s B_{p-1} A_{p-1}||_F``; ``"update"``: the merged
             update ``||s B_{p-1} A_{p-1}||_F``, which does not depend on the pretrained weights' scale
             (a module cannot converge before its first merge). See docs/algorithm.md.
+        converged_component: what happens to the live component of a module that eq. (6)
+            converges: ``"discard"`` (the paper, §3.1) or ``"merge"`` (keep what it learned).
         max_steps: T, the most optimizer steps of the whole run (None: set it on the controller).
         warmup_steps: warmup of the first component.
         restart_warmup_steps: warmup after each Merge & Reinit & Reset.
@@ -79,6 +82,7 @@ class AromaConfig:
     max_inner_steps: int = 200
     eps_out: float | None = 5e-3
     outer_criterion: str = "weight"
+    converged_component: str = "discard"
     max_steps: int | None = None
     warmup_steps: int = 100
     restart_warmup_steps: int = 50
@@ -137,6 +141,8 @@ class AromaConfig:
             _fail("warmup_steps", self.warmup_steps, f"fewer than max_steps={self.max_steps}")
         if self.outer_criterion not in OUTER_CRITERIA:
             _fail("outer_criterion", self.outer_criterion, f"one of {OUTER_CRITERIA}")
+        if self.converged_component not in CONVERGED_COMPONENT:
+            _fail("converged_component", self.converged_component, f"one of {CONVERGED_COMPONENT}")
         if self.reset not in RESET_MODES:
             _fail("reset", self.reset, f"one of {RESET_MODES}")
         if isinstance(self.prune_ratio, bool) or not isinstance(self.prune_ratio, (int, float)) \

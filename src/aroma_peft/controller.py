@@ -52,7 +52,8 @@ class AromaController:
         heads_remain = bool(model.modules_to_save_names) and config.train_heads_after_convergence
         self.loop = DualLoop(len(self.layers), eps_in=config.eps_in, check_interval=config.check_interval,
                              max_inner_steps=config.max_inner_steps, eps_out=config.eps_out,
-                             max_steps=self.max_steps, stop_when_converged=not heads_remain)
+                             max_steps=self.max_steps, stop_when_converged=not heads_remain,
+                             merge_converged=config.converged_component == "merge")
         self.history: list[dict] = []
         # One entry per inner-loop end: its length and, per module checked, eq. (5)'s last change and
         # eq. (6)'s ratio (the per-component quantities to look at when a run surprises).
@@ -121,6 +122,8 @@ class AromaController:
         """Carry out a decision after the optimizer step, before the next forward."""
         for i in d.converged:
             layer = self.layers[i]
+            if self.loop.merge_converged:
+                layer.merge_live()
             layer.drop_live()
             if self.optimizer is not None:
                 drop_optimizer_state(self.optimizer, [layer.lora_A, layer.lora_B])

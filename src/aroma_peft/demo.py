@@ -24,12 +24,17 @@ from .methods import MethodOptions
 from .tasks.glue import Example, get_task, parse_label
 from .train import TrainOptions, run
 
-# Chosen by running the demo on 2 CPU cores: see README.md for the measured results.
-DEMO = dict(train_examples=4000, eval_examples=600, max_seq_len=64, batch_size=32, max_steps=150, lr=1e-3,
-            warmup_steps=10, eval_steps=50)
+# Chosen by running the demo on 2 CPU cores (README.md has the measured results). The inner loops
+# are capped at 100 steps: shorter ones are cut before a new component has turned its random `a`
+# towards a useful direction (docs/study.md). eps_out sits between the eq. (6) ratios of the second
+# components (median 1.6e-2) and the third (below 7e-3), measured on this data with eps_out off. A
+# module that converges keeps its last component (converged_component="merge"): discarding them, as
+# the paper does, took this demo's AROMA from 62.42 to 57.12 (docs/algorithm.md).
+DEMO = dict(train_examples=4000, eval_examples=600, max_seq_len=64, batch_size=16, max_steps=300, lr=1e-3,
+            warmup_steps=20, eval_steps=50)
 DEMO_METHODS = {
-    "aroma": MethodOptions(r=1, alpha=4.0, eps_in=0.1, eps_out=3e-3, check_interval=10, max_inner_steps=40,
-                           restart_warmup_steps=5),
+    "aroma": MethodOptions(r=1, alpha=4.0, eps_in=0.1, eps_out=1e-2, check_interval=10, max_inner_steps=100,
+                           restart_warmup_steps=10, converged_component="merge"),
     "lora": MethodOptions(r=8, alpha=16.0),
 }
 DEMO_TASK = "privacy_qa"
@@ -121,8 +126,27 @@ def run_demo(out: Path, max_steps: int | None = None) -> str:
         run(opts, splits)
     table = compare_runs([out / m for m in DEMO_METHODS])
     wall = time.perf_counter() - started
-    text = f"{table}\n\nPrivacy-Policy QA, {len(splits['dev'])} dev questions on held-out passages, MiniLM-L6 encoder; total wall time {wall:.0f} s.\n"
+    text = (f"{table}\n{aroma_behaviour(out / 'aroma')}\n\nPrivacy-Policy QA, {len(splits['dev'])} dev questions on "
+            f"held-out passages, MiniLM-L6 encoder, {steps} steps of {DEMO['batch_size']}; total wall time {wall:.0f} s. "
+            "At this budget neither method has converged; docs/study.md compares them where they have.\n")
     (out / "results.md").write_text(text)
     print(text)
     print(f"runs, figures and reports: {out}/aroma, {out}/lora (report.md, figures/*.png)")
     return text
+
+
+def aroma_behaviour(run_dir: Path) -> str:
+    """What AROMA decided by itself: the ranks the modules stopped at, when, and the trainable count."""
+    from .report import read_run_file
+
+    ranks = [m["rank"] for m in read_run_file(run_dir, "ranks.json")["modules"]]
+    history = read_run_file(run_dir, "rank_history.json")
+    checks = history.get("outer_checks", [])
+    converged = [(c["step"], len(c["converged"])) for c in checks if c["converged"]]
+    steps = read_run_file(run_dir, "final_metrics.json")["steps"]
+    falls = [f"{e['trainable_params']:,} at step {e['step']}" for e in history["history"]]
+    when = ", ".join(f"{n} at step {s}" for s, n in converged) or "none"
+    return (f"AROMA: {len(ranks)} modules stopped at ranks {min(ranks)} to {max(ranks)} (median "
+            f"{sorted(ranks)[len(ranks) // 2]}, total {sum(ranks)}); converged by eq. (6) before T={steps}: {when}; "
+            f"trainable parameters {' -> '.join(falls)}.")
+

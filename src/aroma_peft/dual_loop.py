@@ -20,7 +20,7 @@ class ModuleState:
     """What the dual loop knows of one adapted module."""
 
     components: int = 0  # merged components (p - 1 during the p-th outer step)
-    converged: bool = False  # eq. (6) held: frozen for good, last component discarded
+    converged: bool = False  # eq. (6) held: frozen for good (last component discarded, or merged)
     stopped: bool = False  # reached T without converging: live component kept, frozen
     inner_converged: bool = False  # eq. (5) held at some check of the current inner loop
     prev_norm: float = 0.0  # ||b_p a_p||_F at the previous check (0 at the start of an inner loop)
@@ -40,7 +40,7 @@ class Decision:
     step: int
     checked: list[int] = field(default_factory=list)  # modules whose eq. (5) was evaluated
     inner_end: bool = False  # the inner loop ended at this step
-    converged: list[int] = field(default_factory=list)  # eq. (6) held: freeze, discard live component
+    converged: list[int] = field(default_factory=list)  # eq. (6) held: freeze, discard (or merge) live component
     merged: list[int] = field(default_factory=list)  # eq. (6) failed: merge, reinit, reset
     kept_at_max_steps: list[int] = field(default_factory=list)  # at T: merge live component, freeze
     stopped_at_max_steps: list[int] = field(default_factory=list)  # at T: every module still active
@@ -63,16 +63,20 @@ class DualLoop:
         max_steps: T.
         stop_when_converged: finish as soon as every module has converged (False: go on to T,
             used when trained heads remain).
+        merge_converged: a module that converges keeps (merges) its last component instead of
+            discarding it (the paper discards it).
     """
 
     def __init__(self, n_modules: int, *, eps_in: float | None, check_interval: int, max_inner_steps: int,
-                 eps_out: float | None, max_steps: int, stop_when_converged: bool = True):
+                 eps_out: float | None, max_steps: int, stop_when_converged: bool = True,
+                 merge_converged: bool = False):
         self.eps_in = eps_in
         self.check_interval = check_interval
         self.max_inner_steps = max_inner_steps
         self.eps_out = eps_out
         self.max_steps = max_steps
         self.stop_when_converged = stop_when_converged
+        self.merge_converged = merge_converged
         self.modules = [ModuleState() for _ in range(n_modules)]
         self.step_count = 0  # optimizer steps taken
         self.inner_step = 0  # t, steps of the current inner loop (shared: all modules advance together)
@@ -138,6 +142,7 @@ class DualLoop:
             m.last_ratio = ratio if math.isfinite(ratio) else None
             if self.eps_out is not None and ratio < self.eps_out:
                 m.converged = True
+                m.components += self.merge_converged
                 m.finished_at = self.step_count
                 decision.converged.append(i)
             else:

@@ -38,6 +38,7 @@ class MethodOptions:
     eps_in: float | None = 0.1
     eps_out: float | None = 5e-3
     outer_criterion: str = "weight"  # eq. (6) relative to "weight" (the paper) or to the merged "update"
+    converged_component: str = "discard"  # a converged module's last component: "discard" (the paper) or "merge"
     check_interval: int = 10
     max_inner_steps: int = 200
     restart_warmup_steps: int = 50
@@ -114,7 +115,7 @@ def _prepare_aroma(method, base, opts, max_steps, warmup_steps, seed) -> MethodR
     config = AromaConfig(
         target_modules=opts.target_modules, modules_to_save=tuple(opts.modules_to_save), r=opts.r,
         alpha=opts.alpha, eps_in=None if relora else opts.eps_in, eps_out=None if relora else opts.eps_out,
-        outer_criterion=opts.outer_criterion,
+        outer_criterion=opts.outer_criterion, converged_component=opts.converged_component,
         check_interval=opts.check_interval, max_inner_steps=opts.max_inner_steps, max_steps=max_steps,
         warmup_steps=warmup_steps, restart_warmup_steps=opts.restart_warmup_steps, reset=opts.reset,
         train_heads_after_convergence=opts.train_heads_after_convergence, seed=seed)
