@@ -144,7 +144,9 @@ def aroma_behaviour(run_dir: Path) -> str:
     checks = history.get("outer_checks", [])
     converged = [(c["step"], len(c["converged"])) for c in checks if c["converged"]]
     steps = read_run_file(run_dir, "final_metrics.json")["steps"]
-    falls = [f"{e['trainable_params']:,} at step {e['step']}" for e in history["history"]]
+    entries = history["history"]
+    falls = [f"{e['trainable_params']:,} at step {e['step']}" for k, e in enumerate(entries)
+             if k == 0 or e["trainable_params"] != entries[k - 1]["trainable_params"]]
     when = ", ".join(f"{n} at step {s}" for s, n in converged) or "none"
     return (f"AROMA: {len(ranks)} modules stopped at ranks {min(ranks)} to {max(ranks)} (median "
             f"{sorted(ranks)[len(ranks) // 2]}, total {sum(ranks)}); converged by eq. (6) before T={steps}: {when}; "
