@@ -35,6 +35,15 @@ def train(model, opt, ctrl, data, steps, start=0, on_step=None):
     return losses
 
 
+def probe_logits(model):
+    """The model's logits on a fixed batch, in eval mode (the function the model computes)."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=synthetic_batches(1, seed=99)[0]["input_ids"]).logits
+    model.train()
+    return logits
+
+
 def test_end_to_end_loss_falls_ranks_grow_modules_freeze_and_training_stops_itself():
     model, opt, ctrl = make()
     data = synthetic_batches(20)
@@ -68,14 +77,10 @@ def test_merge_does_not_change_the_function_and_restarts_warmup():
     # With eps_out tiny nothing converges: every inner-loop end merges and re-initializes
     # (b = 0), which must leave the model's output unchanged, and restarts the warmup.
     model, opt, ctrl = make({"eps_out": 1e-9, "max_steps": 100})
-    probe = synthetic_batches(1, seed=99)[0]
     merges = []
 
     def on_step(step, before=None):
-        model.eval()
-        with torch.no_grad():
-            logits = model(input_ids=probe["input_ids"]).logits
-        model.train()
+        logits = probe_logits(model)
         if before is None:
             return logits
         if not ctrl.finished and ctrl.loop.inner_step == 0 and ctrl.history[-1]["step"] == step + 1:
@@ -227,14 +232,10 @@ def test_a_converged_module_merges_or_discards_its_last_component(mode):
     # "merge": freezing leaves the function unchanged and every outer check adds a component;
     # "discard" (the paper): the last component is thrown away, so the output moves.
     model, opt, ctrl = make({"converged_component": mode})
-    probe = synthetic_batches(1, seed=99)[0]
     changes = []
 
     def on_step(step, before=None):
-        model.eval()
-        with torch.no_grad():
-            logits = model(input_ids=probe["input_ids"]).logits
-        model.train()
+        logits = probe_logits(model)
         if before is None:
             return logits
         check = ctrl.outer_checks[-1] if ctrl.outer_checks else None
