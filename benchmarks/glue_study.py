@@ -299,6 +299,15 @@ def write_report(spec: dict) -> Path:
                 f" / {_count(statistics.mean(x['final'] for x in tr))} | {rank_cell} "
                 f"| {f'{100 * statistics.mean(eff):.1f}%' if eff else '-'} "
                 f"| {statistics.mean(r['steps'] for r in chosen):.0f} | {statistics.mean(r['wall_time_s'] for r in chosen):.0f} |")
+        pending = []
+        for arm in spec["arms"]:
+            if chosen_trial(spec, task, arm) is None and "from" not in spec["arms"][arm]:
+                all_trials = trials(spec["arms"][arm])
+                done = sum(final_of(spec, make_run(spec, task, arm, t, spec["tune_seed"])) is not None for t in all_trials)
+                if done:
+                    pending.append(f"{arm} ({done} of {len(all_trials)} trials done)")
+        if pending:
+            lines += ["", "Still tuning (no row above until every trial is done): " + ", ".join(pending) + "."]
         lines += ["", f"Tuning ({task}, seed {spec['tune_seed']}): final (peak at step) per trial.", "",
                   "| arm | trial | final | peak (step) | total rank | steps |", "|---|---|---:|---|---:|---:|"]
         for r in sorted((r for r in task_rows if r["seed"] == spec["tune_seed"]), key=lambda r: (r["arm"], r["trial_key"])):
