@@ -252,3 +252,33 @@ def test_a_converged_module_merges_or_discards_its_last_component(mode):
         assert max(changes) > 1e-3
         for i, rank in enumerate(model.ranks().values()):
             assert rank == sum(i in c["modules"] for c in ctrl.outer_checks) - 1  # the last one discarded
+
+
+def test_the_learning_rate_follows_a_cosine_to_its_floor_through_the_merges():
+    # Every step's rate, merges and restarted warmups included, is the peak times ReLoRA's cosine
+    # (down to 0.1 of the peak at T) times the warmup of the component being trained.
+    import math
+
+    T = 60
+    model, opt, ctrl = make({"eps_out": 1e-9, "max_steps": T, "lr_decay": "cosine", "min_lr_ratio": 0.1})
+    seen, envelopes, restart = [], [], 0
+
+    def on_step(step, before=None):
+        nonlocal restart
+        if before is None:
+            return True
+        if ctrl.loop.inner_step == 0 and not ctrl.finished:
+            restart = step + 1  # a merge: the next component warms up from here
+        if ctrl.finished:
+            return
+        s = step + 1
+        env = 1.0 if s <= 10 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 10) / (T - 10)))
+        warm = min(1.0, (s - restart + 1) / (10 if restart == 0 else 5))
+        seen.append((opt.param_groups[0]["lr"], 1e-2 * env * warm))
+        envelopes.append(env)
+
+    train(model, opt, ctrl, synthetic_batches(10), T, on_step=on_step)
+    assert len(ctrl.history) >= 3  # merges happened
+    got, want = zip(*seen)
+    assert got == pytest.approx(want)
+    assert envelopes[-1] == pytest.approx(0.1, abs=1e-3)  # the last steps train at the floor, not at 0

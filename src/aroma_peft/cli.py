@@ -44,6 +44,8 @@ METHOD_OPTIONS = [
     ("max-inner-steps", int, "AROMA T_in (ReLoRA: cycle length)"),
     ("restart-warmup-steps", int, "AROMA/ReLoRA warmup after each merge"),
     ("reset", str, "optimizer reset after a merge: prune, zero or none"),
+    ("lr-decay", str, "learning-rate decay after the warmup: linear or cosine (every method)"),
+    ("min-lr-ratio", float, "learning rate at the last step, as a fraction of --lr (every method)"),
     ("init-r", int, "AdaLoRA initial rank"),
     ("tinit", int, "AdaLoRA steps before pruning starts"),
     ("tfinal", int, "AdaLoRA final fine-tuning steps"),

@@ -12,6 +12,7 @@ from typing import Union
 
 RESET_MODES = ("prune", "zero", "none")
 OUTER_CRITERIA = ("weight", "update")
+LR_DECAYS = ("linear", "cosine")
 CONVERGED_COMPONENT = ("discard", "merge")
 
 TargetModules = Union[str, tuple[str, ...]]
@@ -60,6 +61,10 @@ class AromaConfig:
         max_steps: T, the most optimizer steps of the whole run (None: set it on the controller).
         warmup_steps: warmup of the first component.
         restart_warmup_steps: warmup after each Merge & Reinit & Reset.
+        lr_decay: how the learning rate falls from its peak after ``warmup_steps``: ``"linear"``
+            or ``"cosine"`` (half a cosine period), down to ``min_lr_ratio`` x peak at T.
+        min_lr_ratio: the learning rate at T, as a fraction of the peak (0: it decays to 0; the
+            authors' code uses cosine to 0.1). See docs/algorithm.md, "The learning-rate schedule".
         reset: optimizer reset after a merge: ``"prune"`` (zero a random ``prune_ratio`` of the
             moments, the paper), ``"zero"`` (all of them) or ``"none"`` (ablation, Table 5).
         prune_ratio: fraction of moments zeroed by ``"prune"`` (0.999 in the paper).
@@ -86,6 +91,8 @@ class AromaConfig:
     max_steps: int | None = None
     warmup_steps: int = 100
     restart_warmup_steps: int = 50
+    lr_decay: str = "linear"
+    min_lr_ratio: float = 0.0
     reset: str = "prune"
     prune_ratio: float = 0.999
     train_heads_after_convergence: bool = True
@@ -143,6 +150,11 @@ class AromaConfig:
             _fail("outer_criterion", self.outer_criterion, f"one of {OUTER_CRITERIA}")
         if self.converged_component not in CONVERGED_COMPONENT:
             _fail("converged_component", self.converged_component, f"one of {CONVERGED_COMPONENT}")
+        if self.lr_decay not in LR_DECAYS:
+            _fail("lr_decay", self.lr_decay, f"one of {LR_DECAYS}")
+        if isinstance(self.min_lr_ratio, bool) or not isinstance(self.min_lr_ratio, (int, float)) \
+                or not 0.0 <= self.min_lr_ratio <= 1.0:
+            _fail("min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         if self.reset not in RESET_MODES:
             _fail("reset", self.reset, f"one of {RESET_MODES}")
         if isinstance(self.prune_ratio, bool) or not isinstance(self.prune_ratio, (int, float)) \

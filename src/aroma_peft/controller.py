@@ -81,7 +81,8 @@ class AromaController:
         """Multiplier of the peak learning rate after ``step`` optimizer steps."""
         c = self.config
         return lr_factor(step, max_steps=self.max_steps, warmup_steps=c.warmup_steps,
-                         restart_step=self.loop.restart_step, restart_warmup_steps=c.restart_warmup_steps)
+                         restart_step=self.loop.restart_step, restart_warmup_steps=c.restart_warmup_steps,
+                         decay=c.lr_decay, min_lr_ratio=c.min_lr_ratio)
 
     def skip_nonfinite_step(self, loss: torch.Tensor | None = None) -> bool:
         """Call after ``backward()``, before ``optimizer.step()``: True when the step must be skipped.

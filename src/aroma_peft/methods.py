@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import AromaConfig
+from .config import LR_DECAYS, AromaConfig
 from .controller import AromaController
 from .io import atomic_write
 from .model import get_aroma_model
@@ -42,6 +42,9 @@ class MethodOptions:
     check_interval: int = 10
     max_inner_steps: int = 200
     restart_warmup_steps: int = 50
+    # every method: the learning rate's decay after the warmup, to min_lr_ratio x peak at T
+    lr_decay: str = "linear"
+    min_lr_ratio: float = 0.0
     reset: str = "prune"
     train_heads_after_convergence: bool = True
     # AdaLoRA
@@ -50,6 +53,13 @@ class MethodOptions:
     tfinal: int = 0
     delta_t: int = 10
     orth_reg_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"--lr-decay {self.lr_decay!r} is unknown: expected one of {', '.join(LR_DECAYS)}")
+        if isinstance(self.min_lr_ratio, bool) or not isinstance(self.min_lr_ratio, (int, float)) \
+                or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min-lr-ratio must be a number in [0, 1], got {self.min_lr_ratio!r}")
 
 
 @dataclass
@@ -84,10 +94,20 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_BASE_LAYERS) and re.search(r"\.\d+\.", n)]
 
 
-def linear_schedule(optimizer, max_steps: int, warmup_steps: int):
-    from transformers import get_linear_schedule_with_warmup
+def decay_schedule(optimizer, max_steps: int, warmup_steps: int, opts: MethodOptions):
+    """The schedule of the methods without restarts: transformers' linear warmup from 0, then
+    ``schedule.envelope`` (with the defaults, ``get_linear_schedule_with_warmup`` exactly)."""
+    from torch.optim.lr_scheduler import LambdaLR
 
-    return get_linear_schedule_with_warmup(optimizer, warmup_steps, max_steps)
+    from .schedule import envelope
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return envelope(step, max_steps=max_steps, warmup_steps=warmup_steps, decay=opts.lr_decay,
+                        min_lr_ratio=opts.min_lr_ratio)
+
+    return LambdaLR(optimizer, factor)
 
 
 def _save_trainable(model: nn.Module, directory: Path) -> None:
@@ -118,6 +138,7 @@ def _prepare_aroma(method, base, opts, max_steps, warmup_steps, seed) -> MethodR
         outer_criterion=opts.outer_criterion, converged_component=opts.converged_component,
         check_interval=opts.check_interval, max_inner_steps=opts.max_inner_steps, max_steps=max_steps,
         warmup_steps=warmup_steps, restart_warmup_steps=opts.restart_warmup_steps, reset=opts.reset,
+        lr_decay=opts.lr_decay, min_lr_ratio=opts.min_lr_ratio,
         train_heads_after_convergence=opts.train_heads_after_convergence, seed=seed)
     model = get_aroma_model(base, config)
     controller = AromaController(model)
@@ -179,7 +200,7 @@ def _prepare_peft(method, base, opts, max_steps, warmup_steps) -> MethodRun:
 
     return MethodRun(
         method=method, model=model, parameters=[p for p in model.parameters() if p.requires_grad],
-        make_scheduler=lambda opt: linear_schedule(opt, max_steps, warmup_steps), after_step=after_step,
+        make_scheduler=lambda opt: decay_schedule(opt, max_steps, warmup_steps, opts), after_step=after_step,
         module_ranks=module_ranks,
         module_updates=lambda: {n: m.get_delta_weight("default").detach() for n, m in layers.items()},
         save=lambda d: model.save_pretrained(str(d / "adapter")),
@@ -193,5 +214,5 @@ def _prepare_selective(method, base, opts, max_steps, warmup_steps) -> MethodRun
         p.requires_grad_(method == "full" or in_head or name.endswith("bias"))
     return MethodRun(
         method=method, model=base, parameters=[p for p in base.parameters() if p.requires_grad],
-        make_scheduler=lambda opt: linear_schedule(opt, max_steps, warmup_steps), after_step=lambda step: False,
+        make_scheduler=lambda opt: decay_schedule(opt, max_steps, warmup_steps, opts), after_step=lambda step: False,
         module_ranks=dict, module_updates=dict, save=lambda d: _save_trainable(base, d / "adapter"))

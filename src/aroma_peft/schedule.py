@@ -1,7 +1,8 @@
-"""The learning-rate schedule of AROMA: a linear decay over T with warmups that restart at merges."""
+"""The learning-rate schedule of AROMA: a decay over T with warmups that restart at merges."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from torch.optim.lr_scheduler import LRScheduler
@@ -10,18 +11,31 @@ if TYPE_CHECKING:
     from .controller import AromaController
 
 
-def lr_factor(step: int, *, max_steps: int, warmup_steps: int, restart_step: int, restart_warmup_steps: int) -> float:
+def envelope(step: int, *, max_steps: int, warmup_steps: int, decay: str = "linear", min_lr_ratio: float = 0.0) -> float:
+    """1 until ``warmup_steps``, then down to ``min_lr_ratio`` at ``max_steps`` (T), linearly or by a half cosine."""
+    span = max(1, max_steps - warmup_steps)
+    if decay == "linear":
+        shape = min(1.0, max(0.0, (max_steps - step) / span))
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, (step - warmup_steps) / span))))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def lr_factor(step: int, *, max_steps: int, warmup_steps: int, restart_step: int, restart_warmup_steps: int,
+              decay: str = "linear", min_lr_ratio: float = 0.0) -> float:
     """Multiplier of the peak learning rate for the optimizer step that follows ``step`` steps.
 
-    ``envelope``: 1 until ``warmup_steps``, then linear down to 0 at ``max_steps`` (T).
+    ``envelope``: 1 until ``warmup_steps``, then down to ``min_lr_ratio`` at ``max_steps`` (T),
+    linearly (the default: 0 at T) or by a half cosine (``decay="cosine"``; with
+    ``min_lr_ratio=0.1`` the schedule of the authors' code, ReLoRA's cosine with restarts).
     ``warmup``: the first component warms up over ``warmup_steps``; every component started by a
     merge at ``restart_step`` > 0 warms up over ``restart_warmup_steps``. The first step of a
     warmup gets 1/length of the rate (not 0: no step is wasted).
     """
-    envelope = min(1.0, max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps)))
     length = warmup_steps if restart_step == 0 else restart_warmup_steps
     warmup = 1.0 if length == 0 else min(1.0, (step - restart_step + 1) / length)
-    return envelope * warmup
+    return envelope(step, max_steps=max_steps, warmup_steps=warmup_steps, decay=decay,
+                    min_lr_ratio=min_lr_ratio) * warmup
 
 
 class AromaLRSchedule(LRScheduler):
