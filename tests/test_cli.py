@@ -24,18 +24,21 @@ def model_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def mrpc_dir(tmp_path_factory):
-    """MRPC-format files: label 1 iff both sentences name the same animal (learnable)."""
-    d = tmp_path_factory.mktemp("mrpc")
+def write_mrpc(d, n_train: int, n_dev: int = 32):
+    """MRPC-format files in ``d``: label 1 iff both sentences name the same animal (learnable)."""
     g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 96), ("dev", 32)):
+    for split, n in (("train", n_train), ("dev", n_dev)):
         lines = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
         for i in range(n):
             a, b = (["cat", "dog"][int(torch.randint(2, (1,), generator=g))] for _ in range(2))
             lines.append(f"{int(a == b)}\t{i}\t{i + 1000}\tthe {a} sat on the mat\ta {b} ran under the log")
         (d / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return d
+
+
+@pytest.fixture(scope="module")
+def mrpc_dir(tmp_path_factory):
+    return write_mrpc(tmp_path_factory.mktemp("mrpc"), 96)
 
 
 def train(model_dir, data_dir, out, method="aroma", *extra):

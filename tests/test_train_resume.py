@@ -211,6 +211,12 @@ def launch_and_compare(model_dir, mrpc_dir, tmp_path, launcher: list[str], proce
     done = subprocess.run([sys.executable, *launcher, str(tmp_path / "driver.py"), spec], env=env,
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
+    compare_with_one_process(ref_dir, run_dir, processes)
+
+
+def compare_with_one_process(ref_dir, run_dir, processes: int) -> None:
+    """The run in ``run_dir`` (on ``processes`` processes) took the decisions of the one-process run in
+    ``ref_dir`` at the same steps and ended with its adapter, within data-parallel rounding."""
     assert json.loads((run_dir / "config.json").read_text())["processes"] == processes
     ref_controller = json.loads((ref_dir / "adapter" / "aroma_controller.json").read_text())
     controller = json.loads((run_dir / "adapter" / "aroma_controller.json").read_text())

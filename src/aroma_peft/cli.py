@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -190,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             from .train import run
 
             final = run(train_options_from_args(args))
-            print(json.dumps({k: final[k] for k in ("task", "method", "main_metric", "metrics", "majority_baseline",
-                                                     "trainable_params", "total_rank", "steps", "wall_time_s")}, indent=2))
+            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process returns it: print it once
+                    print(json.dumps({k: final[k] for k in ("task", "method", "main_metric", "metrics", "majority_baseline",
+                                                         "trainable_params", "total_rank", "steps", "wall_time_s")},
+                                 indent=2))
         elif args.command == "demo":
             from .demo import run_demo
 

@@ -17,6 +17,7 @@ import torch
 from .analysis import effective_rank
 from .faults import NonFiniteGuard
 from .io import load_adapter_into, load_controller_state, load_training_state, save_training_state, write_json
+from .layer import derived_seed
 from .methods import METHODS, MethodOptions, MethodRun, prepare
 from .report import trainable_mean, write_report
 from .tasks.glue import TASKS, Example, find_split_files, load_glue_hub, read_split
@@ -256,6 +257,11 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
         no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
             DistributedDataParallel).parameters else "broadcast_buffers"
         train_model = DistributedDataParallel(model, find_unused_parameters=True, **{no_sync: False})
+        # Dropout draws from torch's global generator. Seeded alike, every process would draw the same
+        # masks for its slice; each process other than the first gets a stream of its own (the first
+        # keeps a one-process run's). AROMA's own draws (Reinit, Reset masks) use derived seeds: alike.
+        if rank > 0:
+            torch.manual_seed(derived_seed(opts.seed, rank))
 
     out = Path(opts.out or f"runs/{opts.task}-{opts.method}-{Path(opts.model).name}")
     writer = RunWriter(out) if main else _NoWriter()
@@ -282,7 +288,7 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
     checkpoint = _find_checkpoint(out) if opts.resume else None
     if checkpoint is not None:
         step, order, position, last_eval, loss_since_eval = _resume(checkpoint, method_run, optimizer, scheduler,
-                                                                    gen, guard)
+                                                                    gen, guard, rank)
         finished = method_run.controller.finished
         history.update(step)
         if main:
@@ -302,12 +308,12 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
         t0 = time.perf_counter()
         rows = [train_rows[i] for i in order[position:position + opts.batch_size]]
         position += opts.batch_size
-        if len(rows) < world:  # an epoch's last, short batch cannot give every process an example
-            continue
         mine = rows[rank::world]
         # Every slice padded like the whole batch: the same computation per example as one process.
         length = max(len(r["input_ids"]) for r in rows) if world > 1 else None
-        loss = train_model(**collate(tokenizer, mine, regression, length)).loss
+        # An epoch's last batch may have fewer rows than processes: a process left without one runs a
+        # stand-in row with weight 0, so every process takes the step that one process takes.
+        loss = train_model(**collate(tokenizer, mine or rows[:1], regression, length)).loss
         # DDP averages gradients over processes: weigh each slice by its share of the global batch.
         (loss * (len(mine) * world / len(rows)) if world > 1 else loss).backward()
         if guard.check(method_run.parameters, loss, step=step + 1):  # NaN/inf: no step, no AROMA decision
@@ -343,10 +349,12 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
             writer.scalar("train/total_rank", history.total_rank, step)
             if main:
                 history.write(out / "rank_history.json")
-        if step % save_steps == 0 and not done and main:
-            _save_checkpoint(out, method_run, optimizer, scheduler, gen, guard,
-                             {"step": step, "order": order, "position": position, "last_eval": last_eval,
-                              "loss_since_eval": loss_since_eval})
+        if step % save_steps == 0 and not done:
+            torch_rng = _torch_rng_states(world)  # a collective: every process takes part
+            if main:
+                _save_checkpoint(out, method_run, optimizer, scheduler, gen, guard, torch_rng,
+                                 {"step": step, "order": order, "position": position, "last_eval": last_eval,
+                                  "loss_since_eval": loss_since_eval})
     progress.close()
     wall = time.perf_counter() - started
 
@@ -354,15 +362,7 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    if not main:
-        return {"steps": step, "metrics": last_eval, "nonfinite_steps_skipped": guard.skipped}
-    method_run.save(out)
-    history.write(out / "rank_history.json")
-    ranks = method_run.module_ranks()
-    updates = method_run.module_updates()
-    write_json(out / "ranks.json", {"modules": [
-        {"module": n, "rank": int(ranks.get(n, 0)), "effective_rank": effective_rank(updates[n]) if ranks.get(n) else 0.0}
-        for n in updates]})
+    # Every process returns the same summary (its replica is the same); only the first writes files.
     final = {
         "task": opts.task, "method": opts.method, "model": opts.model, "main_metric": _main_key(opts.task, metric_name),
         "metrics": last_eval, "majority_baseline": baseline,
@@ -370,6 +370,15 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
         "stopped_early": step < max_steps, "nonfinite_steps_skipped": guard.skipped, "wall_time_s": wall,
         "mean_step_time_s": sum(step_times) / max(1, len(step_times)),
     }
+    if not main:
+        return final
+    method_run.save(out)
+    history.write(out / "rank_history.json")
+    ranks = method_run.module_ranks()
+    updates = method_run.module_updates()
+    write_json(out / "ranks.json", {"modules": [
+        {"module": n, "rank": int(ranks.get(n, 0)), "effective_rank": effective_rank(updates[n]) if ranks.get(n) else 0.0}
+        for n in updates]})
     write_json(out / "final_metrics.json", final)
     writer.close()
     write_report(out)
@@ -380,17 +389,34 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
 CHECKPOINT = "checkpoint"
 
 
+def _torch_rng_states(world: int) -> list[torch.Tensor]:
+    """The torch generator state of every process (dropout streams differ between processes)."""
+    state = torch.get_rng_state()
+    if world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states = [torch.empty_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    return states
+
+
+def _torch_rng_key(rank: int) -> str:
+    return "torch_rng" if rank == 0 else f"torch_rng.rank{rank}"
+
+
 def _save_checkpoint(out: Path, method_run: MethodRun, optimizer, scheduler, gen: torch.Generator,
-                     guard: NonFiniteGuard, position: dict) -> None:
+                     guard: NonFiniteGuard, torch_rng: list[torch.Tensor], position: dict) -> None:
     """Write OUT/checkpoint: the adapter and controller, the optimizer, the schedule, the data
-    position and every RNG state. It is written beside the previous one and swapped in by renames,
-    so a process killed at any moment leaves a complete checkpoint (the new or the previous one)."""
+    position and every RNG state (torch's of every process). It is written beside the previous one
+    and swapped in by renames, so a process killed at any moment leaves a complete checkpoint (the
+    new or the previous one)."""
     tmp, old, final = out / f".{CHECKPOINT}.tmp", out / f".{CHECKPOINT}.old", out / CHECKPOINT
     shutil.rmtree(tmp, ignore_errors=True)
     method_run.save(tmp)
     extra = position | {"python_random": _jsonable(random.getstate()), "nonfinite": guard.state_dict()}
-    save_training_state(tmp, optimizer, scheduler, extra=extra,
-                        tensors={"torch_rng": torch.get_rng_state(), "data_rng": gen.get_state()})
+    rng = {_torch_rng_key(r): state for r, state in enumerate(torch_rng)}
+    save_training_state(tmp, optimizer, scheduler, extra=extra, tensors=rng | {"data_rng": gen.get_state()})
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -407,14 +433,14 @@ def _find_checkpoint(out: Path) -> Path | None:
 
 
 def _resume(checkpoint: Path, method_run: MethodRun, optimizer, scheduler, gen: torch.Generator,
-            guard: NonFiniteGuard) -> tuple[int, list, int, dict | None, list]:
+            guard: NonFiniteGuard, rank: int) -> tuple[int, list, int, dict | None, list]:
     """Load a checkpoint into the freshly prepared run; returns (step, epoch order, position, last eval,
     [sum, count] of the training losses since that evaluation)."""
     load_adapter_into(method_run.model, checkpoint / "adapter")
     extra, tensors = load_training_state(checkpoint, optimizer, scheduler)
     method_run.controller.load_state_dict(load_controller_state(checkpoint / "adapter"))
     random.setstate(_python_random_state(extra["python_random"]))
-    torch.set_rng_state(tensors["torch_rng"])
+    torch.set_rng_state(tensors[_torch_rng_key(rank)])
     gen.set_state(tensors["data_rng"])
     guard.load_state_dict(extra["nonfinite"])
     return (int(extra["step"]), list(extra["order"]), int(extra["position"]), extra["last_eval"],
