@@ -288,6 +288,14 @@ torch.save(masks[0], f"{record}/mask-rank{rank}.pt")  # the first training step'
 """
 
 
+def _launch_dropout_run(d, opts, record) -> None:
+    spec = json.dumps(dataclasses.asdict(opts) | {"record": str(record)})
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(WORLD), str(d / "driver.py"), spec], env=_launch_env(), capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def dropout_run(model_dir, mrpc97_dir, tmp_path_factory):
     """train.run under torchrun on a model with dropout (0.1 after the embeddings and in every block),
@@ -298,12 +306,8 @@ def dropout_run(model_dir, mrpc97_dir, tmp_path_factory):
     model.config.hidden_dropout_prob = 0.1
     model.save_pretrained(d / "model")
     (d / "driver.py").write_text(DROPOUT_RUN)
-    opts = run_options(model_dir, mrpc97_dir, d / "run", model=str(d / "model"), batch_size=SHORT_BATCH)
-    spec = json.dumps(dataclasses.asdict(opts) | {"record": str(d)})
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(WORLD), str(d / "driver.py"), spec], env=_launch_env(), capture_output=True, text=True,
-                          timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _launch_dropout_run(d, run_options(model_dir, mrpc97_dir, d / "run", model=str(d / "model"),
+                                       batch_size=SHORT_BATCH), d)
     return d
 
 
@@ -329,3 +333,19 @@ def test_with_dropout_and_a_short_last_batch_the_replicas_stay_identical(dropout
     assert len(controllers[0]["history"]) > 2  # merges happened (so Reinit and Reset ran)
     final = json.loads((dropout_run / "run" / "final_metrics.json").read_text())
     assert final["steps"] == 16  # across the one-row batch that ends the first epoch (step 13)
+
+
+def test_a_resume_under_torchrun_continues_every_dropout_stream(model_dir, mrpc97_dir, dropout_run, tmp_path):
+    # The run's last checkpoint is at step 15; resumed from it on 2 processes, step 16 must draw the
+    # masks the uninterrupted run drew on each process: the same adapter, bit for bit.
+    shutil.copytree(dropout_run / "run", tmp_path / "run")
+    for name in ("adapter", "lora"):
+        shutil.rmtree(tmp_path / "run" / name)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "training_state.json").read_text())["extra"]["step"] == 15
+    opts = run_options(model_dir, mrpc97_dir, tmp_path / "run", model=str(dropout_run / "model"),
+                       batch_size=SHORT_BATCH, resume=True)
+    _launch_dropout_run(dropout_run, opts, tmp_path / "record")
+    for r in range(WORLD):
+        assert (tmp_path / "record" / f"rank{r}" / "adapter" / "aroma_adapter.safetensors").read_bytes() == \
+            (dropout_run / f"rank{r}" / "adapter" / "aroma_adapter.safetensors").read_bytes()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == (dropout_run / "run" / "metrics.jsonl").read_text()
