@@ -22,24 +22,40 @@ CONTROLLER_STATE = "aroma_controller.json"
 FORMAT_VERSION = 1
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make the renames inside ``directory`` durable (they live in the directory's own entry)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file."""
+    """Call ``write(tmp_path)``, flush it to disk, then rename over ``path`` and flush the folder: a
+    crash, a kill or a power loss leaves the old file or the new one, never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, allow_nan=False)))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -56,7 +72,13 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from None
 
 
-def _read_json(path: Path) -> dict:
+def verify_safetensors(directory: Path) -> None:
+    """Every ``*.safetensors`` file under ``directory`` reads back whole (else a ValueError naming it)."""
+    for path in sorted(Path(directory).rglob("*.safetensors")):
+        _read_safetensors(path)
+
+
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found")
     try:
@@ -92,7 +114,7 @@ def save_adapter(model, directory: str | Path, controller=None) -> None:
         "config": model.aroma_config.to_dict(),
         "modules": modules,
         "modules_to_save": model.modules_to_save_names,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256_file(weights),
     })
 
 
@@ -108,7 +130,7 @@ def _expect(tensors: dict, key: str, shape: tuple, path: Path) -> torch.Tensor:
 def _read_adapter(directory: Path) -> tuple[dict, AromaConfig, dict[str, torch.Tensor], Path]:
     """Metadata, config and tensors of a saved adapter, the weights checked against their sha256."""
     meta_path, weights_path = directory / ADAPTER_META, directory / ADAPTER_WEIGHTS
-    meta = _read_json(meta_path)
+    meta = read_json(meta_path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     try:
@@ -116,7 +138,7 @@ def _read_adapter(directory: Path) -> tuple[dict, AromaConfig, dict[str, torch.T
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{meta_path}: bad 'config': {err}") from None
     tensors = _read_safetensors(weights_path)
-    if meta.get("weights_sha256") != _sha256(weights_path):
+    if meta.get("weights_sha256") != sha256_file(weights_path):
         raise ValueError(f"{weights_path}: content does not match the sha256 recorded in {meta_path} "
                          "(the file was changed or only partly written)")
     return meta, config, tensors, weights_path
@@ -196,7 +218,7 @@ def load_adapter_into(aroma, directory: str | Path) -> None:
 
 def load_controller_state(directory: str | Path) -> dict:
     """The controller state saved beside an adapter (pass it to ``AromaController.load_state_dict``)."""
-    return _read_json(Path(directory) / CONTROLLER_STATE)
+    return read_json(Path(directory) / CONTROLLER_STATE)
 
 
 # ---------------------------------------------------------------------- optimizer and schedule (resume)
@@ -223,16 +245,16 @@ def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
     write_json(directory / TRAINING_STATE, {
         "param_groups": state["param_groups"], "state_numbers": numbers,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "tensors_sha256": _sha256(directory / OPTIMIZER_TENSORS), "extra": extra or {}})
+        "tensors_sha256": sha256_file(directory / OPTIMIZER_TENSORS), "extra": extra or {}})
 
 
 def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
                         scheduler=None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore what ``save_training_state`` wrote; returns its ``extra`` and ``tensors``."""
     directory = Path(directory)
-    meta = _read_json(directory / TRAINING_STATE)
+    meta = read_json(directory / TRAINING_STATE)
     flat = _read_safetensors(directory / OPTIMIZER_TENSORS)
-    if meta.get("tensors_sha256") != _sha256(directory / OPTIMIZER_TENSORS):
+    if meta.get("tensors_sha256") != sha256_file(directory / OPTIMIZER_TENSORS):
         raise ValueError(f"{directory / OPTIMIZER_TENSORS}: content does not match the sha256 recorded in "
                          f"{directory / TRAINING_STATE}")
     state: dict = {}
