@@ -16,6 +16,22 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 SUPPORTED_BASE_LAYERS = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
 
 
+def unsupported_base_layer(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be an AROMA base layer, or None when it can.
+
+    An ``nn.Linear`` subclass that computes its own ``forward`` (quantized layers: bitsandbytes,
+    GPTQ, ...) may keep a packed weight of another shape; reading it as ``(out, in)`` would build
+    factors of the wrong shape, so such a layer is refused unless listed here as supported.
+    """
+    if not isinstance(module, SUPPORTED_BASE_LAYERS):
+        return f"a {type(module).__name__}; AROMA adapts nn.Linear and transformers Conv1D only"
+    if type(module) in SUPPORTED_BASE_LAYERS or type(module).forward is nn.Linear.forward:
+        return None
+    return (f"a {type(module).__name__}, a subclass of nn.Linear with its own forward "
+            "(a quantized or otherwise packed weight); AROMA adapts plain nn.Linear and transformers Conv1D "
+            "layers: leave it out with exclude_modules, or load the model unquantized")
+
+
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed that is a fixed function of integers (same on every process, every run)."""
     h = 1469598103934665603
@@ -125,8 +141,9 @@ class AromaLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, seed: int = 0, index: int = 0):
         super().__init__()
-        if not isinstance(base_layer, SUPPORTED_BASE_LAYERS):
-            raise TypeError(f"AromaLinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+        why = unsupported_base_layer(base_layer)
+        if why is not None:
+            raise TypeError(f"AromaLinear cannot wrap this layer: it is {why}")
         self.base_layer = base_layer
         self.is_conv1d = not isinstance(base_layer, nn.Linear)
         w = base_layer.weight
