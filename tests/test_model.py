@@ -6,7 +6,7 @@ import torch
 from conftest import synthetic_batches, tiny_bert, tiny_gpt2
 from torch import nn
 
-from aroma_peft import AromaConfig, get_aroma_model
+from aroma_peft import AromaConfig, AromaController, get_aroma_model
 
 
 def linear_names(model):
@@ -85,12 +85,15 @@ class TestTargets:
 
 class TestUnload:
     def test_unload_gives_back_the_original_heads_of_modules_to_save(self):
-        model = get_aroma_model(tiny_bert(), AromaConfig(target_modules=["query", "value"], modules_to_save=["classifier"]))
+        model = get_aroma_model(tiny_bert(), AromaConfig(target_modules=["query", "value"], modules_to_save=["classifier"],
+                                                         max_steps=10, warmup_steps=1))
         opt = torch.optim.SGD(model.adapter_parameters(), lr=0.5)
+        controller = AromaController(model, opt)
         for batch in synthetic_batches(3):
             model(**batch).loss.backward()
             opt.step()
             opt.zero_grad()
+            controller.step()
         fresh = tiny_bert()
         assert not torch.equal(model.base_model.classifier.weight, fresh.classifier.weight)  # the head trained
         plain = model.unload()

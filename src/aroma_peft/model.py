@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import AromaConfig
 from .layer import SUPPORTED_BASE_LAYERS, AromaLinear, unsupported_base_layer
@@ -106,6 +108,14 @@ class AromaModel(nn.Module):
         for name in self.modules_to_save_names:
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)
+        if getattr(model, "is_gradient_checkpointing", False):
+            self._let_gradients_through_checkpoints()
+        # Until an AromaController with an optimizer drives the model, any optimizer holding its
+        # live factors may take one step, not two (see _watch_optimizers).
+        self.controlled = False
+        self._factor_ids = {id(p) for layer in self.aroma_layers.values() for p in (layer.lora_A, layer.lora_B)}
+        self._steps_without_controller = 0
+        _watch_optimizers(self)
         # Calls go straight to the wrapped model's forward, whose signature callers such as the HF
         # Trainer inspect (to choose dataset columns).
         self.forward = model.forward
@@ -115,6 +125,39 @@ class AromaModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ training guards
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise at the second step of an optimizer that trains the live factors with no controller.
+
+        The HF Trainer without ``AromaController`` and ``AromaCallback`` otherwise trains a rank-r
+        LoRA for the whole run: no check, no merge, no stop, no warning.
+        """
+        if self.controlled or not any(id(p) in self._factor_ids for g in optimizer.param_groups for p in g["params"]):
+            return
+        self._steps_without_controller += 1
+        if self._steps_without_controller >= 2:
+            raise RuntimeError(
+                f"AromaModel: the optimizer is taking step {self._steps_without_controller} of the live factors without "
+                "an AromaController, so no check, merge or stop of AROMA happens. Create controller = "
+                "AromaController(model, optimizer) and call controller.step() after every optimizer.step(); with the "
+                "Hugging Face Trainer pass optimizers=(optimizer, controller.attach_optimizer(optimizer)) and "
+                "callbacks=[AromaCallback(controller)]")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """The base model's activation checkpointing (the HF Trainer calls this), made to work for the factors.
+
+        transformers' default is reentrant checkpointing, which computes no gradient for a
+        checkpointed block whose inputs need none, and the frozen embeddings give none: the live
+        factors would get no gradient at all. So the embeddings' output is made to need one, as
+        PEFT does (``enable_input_require_grads``).
+        """
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self._let_gradients_through_checkpoints()
+
+    def _let_gradients_through_checkpoints(self) -> None:
+        if hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -192,6 +235,26 @@ class AromaModel(nn.Module):
         for key, param in self.modules_to_save_state().items():
             param.copy_(self._original_heads[key])
         return self.base_model
+
+
+_uncontrolled: "weakref.WeakSet[AromaModel]" = weakref.WeakSet()
+_optimizer_hook = None
+
+
+def _before_any_optimizer_step(optimizer, args, kwargs) -> None:
+    for model in list(_uncontrolled):
+        if model.controlled:
+            _uncontrolled.discard(model)
+        else:
+            model._before_optimizer_step(optimizer)
+
+
+def _watch_optimizers(model: AromaModel) -> None:
+    """Look at every optimizer step (a global hook, registered once) until ``model`` is controlled."""
+    global _optimizer_hook
+    if _optimizer_hook is None:
+        _optimizer_hook = register_optimizer_step_pre_hook(_before_any_optimizer_step)
+    _uncontrolled.add(model)
 
 
 def get_aroma_model(model: nn.Module, config: AromaConfig) -> AromaModel:
