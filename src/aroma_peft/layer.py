@@ -152,7 +152,6 @@ class AromaLinear(nn.Module):
         self.scaling = alpha / r
         self.seed = seed
         self.index = index
-        self.fold_merged = w.dtype == torch.float32
         self.active = True  # False once converged (or stopped at T): the live factors are frozen and unused
         dev = w.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=torch.float32))
@@ -162,6 +161,35 @@ class AromaLinear(nn.Module):
         self.reinit_live()
 
     # ---------------------------------------------------------------- state
+    @property
+    def fold_merged(self) -> bool:
+        """Whether the merged components are folded into the base weight: exactly when it is fp32."""
+        return self.base_layer.weight.dtype == torch.float32
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ``.cuda()``...: the base layer follows; the factors and the
+        merged components follow the device only and stay float32. Components folded into an fp32
+        weight are taken out before it is cast to another dtype (a bf16 weight would round a
+        small update away) and folded in again when it comes back to fp32."""
+        if self.fold_merged and self.rank:
+            w = self.base_layer.weight
+            if fn(torch.empty(0, dtype=w.dtype, device=w.device)).dtype != torch.float32:
+                self.original_base_layer()
+        was_folded = self.fold_merged
+
+        def factors(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return t.to(out.device) if out.is_floating_point() and out.dtype != t.dtype else out
+
+        if recurse:
+            self.base_layer._apply(fn)
+        super()._apply(factors, recurse=False)
+        if self.fold_merged and not was_folded and self.rank:
+            with torch.no_grad():
+                w = self.base_layer.weight
+                w.add_(like(w, self._delta_in_weight_layout(self.merged_B, self.merged_A)), alpha=self.scaling)
+        return self
+
     @property
     def num_merged(self) -> int:
         """Number of merged rank-r components (p - 1 while training)."""
