@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import AromaConfig
-from .layer import copy_full_, full_tensor
+from .layer import base_features, copy_full_, full_tensor
 
 ADAPTER_WEIGHTS = "aroma_adapter.safetensors"
 ADAPTER_META = "aroma_adapter.json"
@@ -161,8 +161,7 @@ def load_adapter(model, directory: str | Path):
     _check_modules(meta, targets, directory / ADAPTER_META)
     checked = {}
     for name in targets:
-        w = model.get_submodule(name).weight
-        n_in, n_out = (w.shape[1], w.shape[0]) if isinstance(model.get_submodule(name), torch.nn.Linear) else w.shape
+        n_in, n_out = base_features(model.get_submodule(name))
         checked[name] = _checked_factors(tensors, meta, name, config.r, n_in, n_out, weights_path)
     saved = {}
     for head in _modules_to_save_names(model, config):

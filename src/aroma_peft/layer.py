@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -16,20 +17,35 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 SUPPORTED_BASE_LAYERS = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
 
 
+def is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` (its weight is packed NF4/FP4 bytes, dequantized to compute)."""
+    bnb = sys.modules.get("bitsandbytes")  # a module cannot be one unless bitsandbytes is imported
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
 def unsupported_base_layer(module: nn.Module) -> str | None:
     """Why ``module`` cannot be an AROMA base layer, or None when it can.
 
     An ``nn.Linear`` subclass that computes its own ``forward`` (quantized layers: bitsandbytes,
     GPTQ, ...) may keep a packed weight of another shape; reading it as ``(out, in)`` would build
-    factors of the wrong shape, so such a layer is refused unless listed here as supported.
+    factors of the wrong shape, so such a layer is refused, except bitsandbytes' 4-bit ``Linear4bit``
+    (QLoRA style: eq. (6) on the dequantized weight, merged components kept beside it).
     """
     if not isinstance(module, SUPPORTED_BASE_LAYERS):
         return f"a {type(module).__name__}; AROMA adapts nn.Linear and transformers Conv1D only"
-    if type(module) in SUPPORTED_BASE_LAYERS or type(module).forward is nn.Linear.forward:
+    if type(module) in SUPPORTED_BASE_LAYERS or type(module).forward is nn.Linear.forward or is_4bit(module):
         return None
     return (f"a {type(module).__name__}, a subclass of nn.Linear with its own forward "
             "(a quantized or otherwise packed weight); AROMA adapts plain nn.Linear and transformers Conv1D "
-            "layers: leave it out with exclude_modules, or load the model unquantized")
+            "layers, and bitsandbytes' 4-bit Linear4bit: leave it out with exclude_modules, or load the model "
+            "unquantized or in 4 bits")
+
+
+def base_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported base layer (a packed weight's shape is not them)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)  # Conv1D: (in, out)
 
 
 def derived_seed(*parts: int) -> int:
@@ -146,8 +162,9 @@ class AromaLinear(nn.Module):
             raise TypeError(f"AromaLinear cannot wrap this layer: it is {why}")
         self.base_layer = base_layer
         self.is_conv1d = not isinstance(base_layer, nn.Linear)
+        self.quantized = is_4bit(base_layer)
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.is_conv1d else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = base_features(base_layer)
         self.r = r
         self.scaling = alpha / r
         self.seed = seed
@@ -250,9 +267,18 @@ class AromaLinear(nn.Module):
         delta = b @ a  # (out, in)
         return delta.T if self.is_conv1d else delta
 
+    def base_weight(self) -> torch.Tensor:
+        """The base weight in fp32, in its layout (folded components included); a 4-bit one dequantized."""
+        w = self.base_layer.weight
+        if self.quantized:
+            import bitsandbytes as bnb
+
+            return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+        return w.detach().to(torch.float32)
+
     def merged_weight_norm(self) -> torch.Tensor:
         """||W0 + s B_{p-1} A_{p-1}||_F in fp32: the denominator of eq. (6)."""
-        w = self.base_layer.weight.detach().to(torch.float32)
+        w = self.base_weight()
         if self.rank and not self.fold_merged:
             w = w + self.scaling * like(w, self._delta_in_weight_layout(self.merged_B, self.merged_A))
         # A sharded W0 (FSDP2): the norm of the shards' norms, the same on every process.
@@ -310,7 +336,8 @@ class AromaLinear(nn.Module):
 
     # ---------------------------------------------------------------- whole-weight views
     def _delta(self, merged: bool, live: bool) -> torch.Tensor:
-        delta = torch.zeros(self.base_layer.weight.shape, dtype=torch.float32, device=self.merged_A.device)
+        shape = (self.in_features, self.out_features) if self.is_conv1d else (self.out_features, self.in_features)
+        delta = torch.zeros(shape, dtype=torch.float32, device=self.merged_A.device)
         if merged and self.rank:
             delta += self._delta_in_weight_layout(self.merged_B, self.merged_A)
         if live and self.active:

@@ -221,6 +221,13 @@ class AromaModel(nn.Module):
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
         """Write W0 + s B A into every adapted linear and return the plain base model."""
+        quantized = [name for name, layer in self.aroma_layers.items() if layer.quantized]
+        if quantized:
+            raise ValueError(f"merge_and_unload: cannot merge into the 4-bit weight of {quantized[0]!r}"
+                             f"{f' (and {len(quantized) - 1} more)' if len(quantized) > 1 else ''}: quantizing "
+                             "W0 + s B A again would round the update away. Export the adapter (export_lora) and "
+                             "load it with PEFT on the 4-bit base, or load the base unquantized, then "
+                             "AromaModel.from_pretrained(base, adapter).merge_and_unload()")
         for name, layer in self.aroma_layers.items():
             _set_submodule(self.base_model, name, layer.merged_base_layer())
         return self.base_model
