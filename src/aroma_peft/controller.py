@@ -146,7 +146,7 @@ class AromaController:
         dead = [self.names[i] for i, norm in zip(indices, norms) if norm == 0.0]
         if dead:
             raise RuntimeError(
-                f"AromaController: no gradient reached the live factors of {len(dead)} modules in the "
+                f"AromaController: no gradient reached the live factors of {len(dead)} module(s) in the "
                 f"{self.loop.inner_step} steps of this inner loop (step {self.loop.step_count}; {', '.join(dead[:3])}"
                 f"{', ...' if len(dead) > 3 else ''}): ||b a|| is exactly 0, so eq. (6) would freeze them at rank 0. "
                 "The usual cause is reentrant gradient checkpointing (transformers' default) with frozen embeddings: "
