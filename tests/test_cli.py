@@ -279,3 +279,19 @@ class TestExport:
             p.name for p in (finished_run / "lora").iterdir())
         assert load_file(str(tmp_path / "out" / "adapter_model.safetensors")).keys() == \
             load_file(str(finished_run / "lora" / "adapter_model.safetensors")).keys()
+
+
+def test_export_lora_of_a_run_whose_modules_all_converged_at_rank_0_says_so(model_dir, mrpc_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(model_dir, mrpc_dir, run, "aroma", "--max-inner-steps", "4", "--check-interval", "2",
+                 "--eps-out", "10") == 0
+    assert {m["rank"] for m in json.loads((run / "ranks.json").read_text())["modules"]} == {0}
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "out"), "--format", "lora"]) == 2
+    err = capsys.readouterr().err
+    assert "did the run finish" not in err
+    assert "every adapted module (12 of 12) converged by eq. (6) at its first outer check, at step 4" in err
+    ratios = [m["last_ratio"] for m in json.loads((run / "adapter" / "aroma_controller.json").read_text())["loop"]["modules"]]
+    assert f"ratios {min(ratios):.2e} to {max(ratios):.2e}, below eps_out=10" in err
+    assert "lower eps_out" in err and "outer_criterion='update'" in err and "--format merged" in err
+    assert not (tmp_path / "out").exists()

@@ -170,6 +170,11 @@ def cmd_export(run_dir: Path, out: Path, fmt: str) -> None:
         else:
             raise ValueError(f"a {method} run has no standard LoRA adapter; use --format merged")
         if not src.is_dir():
+            from .io import saved_rank_zero_message
+
+            reason = saved_rank_zero_message(run_dir / "adapter") if method in ("aroma", "relora") else None
+            if reason:
+                raise ValueError(f"{run_dir}: {reason}")
             raise FileNotFoundError(f"{src}: no LoRA adapter in this run directory (did the run finish?)")
         read_json(src / "adapter_config.json")
         verify_safetensors(src)

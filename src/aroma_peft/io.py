@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import AromaConfig
-from .layer import copy_full_, full_tensor
+from .layer import base_features, copy_full_, full_tensor
 
 ADAPTER_WEIGHTS = "aroma_adapter.safetensors"
 ADAPTER_META = "aroma_adapter.json"
@@ -183,8 +183,7 @@ def load_adapter(model, directory: str | Path):
     _check_modules(meta, targets, directory / ADAPTER_META)
     checked = {}
     for name in targets:
-        w = model.get_submodule(name).weight
-        n_in, n_out = (w.shape[1], w.shape[0]) if isinstance(model.get_submodule(name), torch.nn.Linear) else w.shape
+        n_in, n_out = base_features(model.get_submodule(name))
         checked[name] = _checked_factors(tensors, meta, name, config.r, n_in, n_out, weights_path)
     saved = {}
     for head in _modules_to_save_names(model, config):
@@ -309,8 +308,7 @@ def export_lora(model, directory: str | Path) -> None:
         tensors[f"base_model.model.{name}.lora_B.weight"] = b
         fan_in_fan_out |= layer.is_conv1d
     if not targets:
-        raise ValueError("export_lora: every adapted module has rank 0 (all converged at their first "
-                         "component); there is no LoRA update to export")
+        raise ValueError(f"export_lora: {rank_zero_message(model.aroma_config, heads=model.modules_to_save_names)}")
     for key, value in model.modules_to_save_state().items():
         tensors[f"base_model.model.{key}"] = value
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -333,6 +331,49 @@ def export_lora(model, directory: str | Path) -> None:
     config_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.to_dict().items()}
     write_json(directory / "adapter_config.json", config_dict | {"peft_type": "LORA"})
     _check_export(directory, tensors, rank_pattern, alpha_pattern)
+
+
+def rank_zero_message(config: AromaConfig, modules: list[dict] | None = None, heads=()) -> str:
+    """What an adapter whose every module has rank 0 means, and what to try.
+
+    ``modules``: the dual loop's per-module states (``aroma_controller.json``'s ``loop.modules``),
+    for the steps and eq. (6) ratios at which they converged; ``heads``: ``modules_to_save``.
+    """
+    converged = [m for m in modules or [] if m.get("converged")]
+    if converged:
+        steps = sorted({m["finished_at"] for m in converged})
+        ratios = [m["last_ratio"] for m in converged if m.get("last_ratio") is not None]
+        what = (f"every adapted module ({len(converged)} of {len(modules)}) converged by eq. (6) at its first outer "
+                f"check, at step {steps[0]}" + (f" to {steps[-1]}" if len(steps) > 1 else "")
+                + (f" (ratios {min(ratios):.2e} to {max(ratios):.2e}, below eps_out={config.eps_out:g})" if ratios else ""))
+    else:
+        what = ("every adapted module has rank 0: eq. (6) converged each one at its first outer check "
+                f"(ratio below eps_out={config.eps_out})")
+    text = (f"{what}, and a converged module's last component is discarded (converged_component='discard', the "
+            "paper's rule), so the adapter leaves every weight as it was: there is no LoRA update to export. "
+            "To keep components, lower eps_out below those ratios (docs/algorithm.md, 'Setting eps_out'), or use "
+            "outer_criterion='update' (a module always keeps its first component) or converged_component='merge'")
+    if heads:
+        text += f". The trained modules_to_save ({', '.join(heads)}) are in the merged model: aroma export --format merged"
+    return text
+
+
+def saved_rank_zero_message(directory: str | Path) -> str | None:
+    """``rank_zero_message`` for the adapter saved in ``directory`` when every module in it has
+    rank 0 and is frozen (None otherwise, or when there is no readable adapter there)."""
+    directory = Path(directory)
+    try:
+        meta = read_json(directory / ADAPTER_META)
+        config = AromaConfig.from_dict(meta["config"])
+        if any(m["rank"] or m["active"] for m in meta["modules"].values()):
+            return None
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    try:
+        modules = read_json(directory / CONTROLLER_STATE)["loop"]["modules"]
+    except (OSError, KeyError, TypeError, ValueError):
+        modules = None
+    return rank_zero_message(config, modules, heads=meta.get("modules_to_save") or ())
 
 
 def _check_export(directory: Path, tensors: dict, rank_pattern: dict, alpha_pattern: dict) -> None:
