@@ -1,6 +1,8 @@
 """The ``aroma`` command line end to end on a tiny random-initialized model saved with a tokenizer."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -24,18 +26,21 @@ def model_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def mrpc_dir(tmp_path_factory):
-    """MRPC-format files: label 1 iff both sentences name the same animal (learnable)."""
-    d = tmp_path_factory.mktemp("mrpc")
+def write_mrpc(d, n_train: int, n_dev: int = 32):
+    """MRPC-format files in ``d``: label 1 iff both sentences name the same animal (learnable)."""
     g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 96), ("dev", 32)):
+    for split, n in (("train", n_train), ("dev", n_dev)):
         lines = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
         for i in range(n):
             a, b = (["cat", "dog"][int(torch.randint(2, (1,), generator=g))] for _ in range(2))
             lines.append(f"{int(a == b)}\t{i}\t{i + 1000}\tthe {a} sat on the mat\ta {b} ran under the log")
         (d / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return d
+
+
+@pytest.fixture(scope="module")
+def mrpc_dir(tmp_path_factory):
+    return write_mrpc(tmp_path_factory.mktemp("mrpc"), 96)
 
 
 def train(model_dir, data_dir, out, method="aroma", *extra):
@@ -176,3 +181,117 @@ def test_a_run_stopped_by_nonfinite_steps_is_a_clean_error(model_dir, mrpc_dir, 
     monkeypatch.setattr(T, "run", stopped)
     assert train(model_dir, mrpc_dir, tmp_path / "run") == 2
     assert "aroma: error: 3 steps skipped" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- bad input: named, before compute, nothing changed
+def snapshot(run_dir) -> dict:
+    """Every file under ``run_dir`` (TensorBoard's too): its bytes and modification time."""
+    return {p.relative_to(run_dir): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(model_dir, mrpc_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert train(model_dir, mrpc_dir, run, "aroma", "--max-inner-steps", "4", "--check-interval", "2") == 0
+    return run
+
+
+def truncated_model(model_dir, d):
+    shutil.copytree(model_dir, d)
+    weights = d / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return d
+
+
+BASE_FLAGS = {"--task": "mrpc", "--method": "aroma", "--max-steps": "12", "--eval-steps": "6", "--batch-size": "16",
+              "--warmup-steps": "2", "--lr": "5e-3"}
+
+
+@pytest.mark.parametrize("flags, match", [
+    ({"--model": "MISSING"}, r"--model {MISSING}: no such folder"),
+    ({"--model": "TRUNCATED"}, r"--model {TRUNCATED}: {TRUNCATED}/model.safetensors is not a readable safetensors file"),
+    ({"--max-steps": "0"}, r"--max-steps must be a positive integer, got 0"),
+    ({"--max-steps": None, "--epochs": "-1"}, r"--epochs must be a finite number > 0, got -1.0"),
+    ({"--train-limit": "-5"}, r"--train-limit must be a positive integer, got -5"),
+    ({"--eval-limit": "-1"}, r"--eval-limit must be a positive integer, got -1"),
+    ({"--eps-out": "-1", "--model": "TRUNCATED"}, r"--eps-out must be a finite number > 0, got -1.0"),
+    ({"--eps-out": "-1", "--model": "TRUNCATED", "--preset": "small-cpu"}, r"--eps-out must be a finite number > 0"),
+    ({"--lr": "-1e-3"}, r"--lr must be a finite number > 0, got -0.001"),
+], ids=["missing-model", "truncated-weights", "max-steps-0", "epochs-negative", "train-limit-negative",
+        "eval-limit-negative", "eps-out-before-model", "eps-out-before-preset", "lr-negative-exponent"])
+def test_bad_input_is_named_before_compute_and_changes_nothing(model_dir, mrpc_dir, finished_run, tmp_path,
+                                                                monkeypatch, capsys, flags, match):
+    import aroma_peft.train as T
+
+    paths = {"MISSING": tmp_path / "no-such-model", "TRUNCATED": truncated_model(model_dir, tmp_path / "truncated")}
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)  # a run directory already there: the bad command must not touch it
+    before = snapshot(run)
+
+    def load(*args):
+        raise AssertionError("the model was loaded before the bad input was reported")
+    monkeypatch.setattr(T, "load_model_and_tokenizer", load)
+    merged = BASE_FLAGS | {"--model": str(model_dir), "--data-dir": str(mrpc_dir), "--out": str(run)} | flags
+    merged = {k: str(paths.get(v, v)) for k, v in merged.items() if v is not None}
+    argv = ["train", "glue", *[x for kv in merged.items() for x in kv], "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aroma: error: ") and re.search(match.format(**paths), err), err
+    assert snapshot(run) == before
+
+
+def test_negative_numbers_reach_their_flag():
+    from aroma_peft.cli import attach_negative_numbers, build_parser
+
+    argv = ["train", "glue", "--task", "rte", "--model", "m", "--lr", "-1e-3", "--seed", "-2", "--eps-out", "-.5"]
+    args = build_parser().parse_args(attach_negative_numbers(argv))
+    assert (args.lr, args.seed, args.eps_out) == (-1e-3, -2, -0.5)  # each value reaches validation, which names it
+    assert attach_negative_numbers(["--out", "-1e-3", "--lr", "--seed"]) == ["--out", "-1e-3", "--lr", "--seed"]
+
+
+class TestExport:
+    def test_a_truncated_lora_adapter_is_refused_and_nothing_is_written(self, finished_run, tmp_path, capsys):
+        run = tmp_path / "run"
+        shutil.copytree(finished_run, run)
+        weights = run / "lora" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-64])
+        assert main(["export", str(run), str(tmp_path / "out"), "--format", "lora"]) == 2
+        assert f"{weights}: not a readable safetensors file" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no target, no temporary folder left
+
+    @pytest.mark.parametrize("fmt", ["lora", "merged"])
+    def test_an_existing_non_empty_target_is_refused_and_left_as_it_was(self, finished_run, tmp_path, capsys, fmt):
+        target = tmp_path / "out"
+        target.mkdir()
+        (target / "adapter_model.safetensors").write_bytes(b"stale")
+        before = snapshot(target)
+        assert main(["export", str(finished_run), str(target), "--format", fmt]) == 2
+        assert f"{target}: already exists and is not an empty folder" in capsys.readouterr().err
+        assert snapshot(target) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    def test_an_empty_target_folder_receives_the_export(self, finished_run, tmp_path):
+        from safetensors.torch import load_file
+
+        (tmp_path / "out").mkdir()
+        assert main(["export", str(finished_run), str(tmp_path / "out"), "--format", "lora"]) == 0
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+            p.name for p in (finished_run / "lora").iterdir())
+        assert load_file(str(tmp_path / "out" / "adapter_model.safetensors")).keys() == \
+            load_file(str(finished_run / "lora" / "adapter_model.safetensors")).keys()
+
+
+def test_export_lora_of_a_run_whose_modules_all_converged_at_rank_0_says_so(model_dir, mrpc_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(model_dir, mrpc_dir, run, "aroma", "--max-inner-steps", "4", "--check-interval", "2",
+                 "--eps-out", "10") == 0
+    assert {m["rank"] for m in json.loads((run / "ranks.json").read_text())["modules"]} == {0}
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "out"), "--format", "lora"]) == 2
+    err = capsys.readouterr().err
+    assert "did the run finish" not in err
+    assert "every adapted module (12 of 12) converged by eq. (6) at its first outer check, at step 4" in err
+    ratios = [m["last_ratio"] for m in json.loads((run / "adapter" / "aroma_controller.json").read_text())["loop"]["modules"]]
+    assert f"ratios {min(ratios):.2e} to {max(ratios):.2e}, below eps_out=10" in err
+    assert "lower eps_out" in err and "outer_criterion='update'" in err and "--format merged" in err
+    assert not (tmp_path / "out").exists()

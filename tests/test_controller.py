@@ -282,3 +282,24 @@ def test_the_learning_rate_follows_a_cosine_to_its_floor_through_the_merges():
     got, want = zip(*seen)
     assert got == pytest.approx(want)
     assert envelopes[-1] == pytest.approx(0.1, abs=1e-3)  # the last steps train at the floor, not at 0
+
+
+class TestForgottenStep:
+    def test_a_second_optimizer_step_without_controller_step_is_refused(self):
+        model, opt, ctrl = make()
+        data = synthetic_batches(3)
+        model(**data[0]).loss.backward()
+        opt.step(); ctrl.scheduler.step(); opt.zero_grad()
+        model(**data[1]).loss.backward()
+        with pytest.raises(RuntimeError, match=r"optimizer step 2 without controller\.step\(\) \(the controller is at step 0\)"):
+            opt.step()
+
+    def test_gradient_accumulation_steps_the_controller_once_per_optimizer_step(self):
+        model, opt, ctrl = make({"max_steps": 30, "check_interval": 2, "max_inner_steps": 4, "eps_out": 1e-4})
+        data = synthetic_batches(4)
+        for step in range(30):
+            for micro in range(2):  # two backward passes, one optimizer step
+                (model(**data[(2 * step + micro) % 4]).loss / 2).backward()
+            opt.step(); ctrl.scheduler.step(); opt.zero_grad()
+            done = ctrl.step()
+        assert done and ctrl.loop.step_count == 30 and sum(model.ranks().values()) > 0

@@ -10,6 +10,9 @@ on the second process only: every process skips that step.
 import dataclasses
 import json
 import os
+import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -18,11 +21,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import synthetic_batches, tiny_bert
 from safetensors.torch import load_file, save_file
-from test_cli import model_dir, mrpc_dir  # noqa: F401  (fixtures: a tiny BERT with tokenizer, MRPC files)
+from test_cli import model_dir, mrpc_dir, write_mrpc  # noqa: F401  (fixtures: a tiny BERT with tokenizer, MRPC files)
 from test_reset import check_first_updates, first_updates_after_merges
-from test_train_resume import launch_and_compare
+from test_train_resume import compare_with_one_process, launch_and_compare
+from test_train_resume import options as run_options
 
 from aroma_peft import AromaConfig, AromaController, AromaModel, get_aroma_model
+from aroma_peft.cli import main
 from aroma_peft.layer import full_tensor
 
 WORLD = 2
@@ -202,3 +207,145 @@ def test_the_prune_reset_draws_the_same_masks_on_every_process_and_bounds_the_ne
         assert len(masks) == len(reference)
         for mask, ref in zip(masks, reference):
             assert torch.equal(mask, ref)  # the same kept entries as one process, on every process
+
+
+# ---------------------------------------------------------------------- `aroma train` under torchrun
+# 97 examples in batches of 8: every epoch ends in a batch of one row, fewer than the processes.
+SHORT_BATCH_DATA, SHORT_BATCH = 97, 8
+CLI_OPTIONS = ["--method", "aroma", "--max-steps", "16", "--eval-steps", "8", "--save-steps", "5", "--batch-size",
+               str(SHORT_BATCH), "--warmup-steps", "2", "--lr", "5e-3", "--max-inner-steps", "4", "--check-interval",
+               "2", "--restart-warmup-steps", "1", "--eps-out", "0.05", "--no-progress"]
+RUN_FILES = ("config.json", "metrics.jsonl", "rank_history.json", "ranks.json", "final_metrics.json", "report.md",
+             "figures/fig1_training.png", "figures/fig3_rank_distribution.png", "adapter/aroma_adapter.safetensors",
+             "lora/adapter_model.safetensors", "checkpoint/training_state.json")
+
+
+def _launch_env() -> dict:
+    return os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def mrpc97_dir(tmp_path_factory):
+    return write_mrpc(tmp_path_factory.mktemp("mrpc97"), SHORT_BATCH_DATA)
+
+
+@pytest.fixture(scope="module")
+def cli_runs(model_dir, mrpc97_dir, tmp_path_factory):
+    """docs/distributed.md's command, `torchrun --standalone --nproc_per_node 2 -m aroma_peft train glue ...`,
+    beside the same `aroma train glue` in one process."""
+    d = tmp_path_factory.mktemp("cli-torchrun")
+    argv = ["train", "glue", "--task", "mrpc", "--model", str(model_dir), "--data-dir", str(mrpc97_dir), *CLI_OPTIONS]
+    assert main(argv + ["--out", str(d / "ref")]) == 0
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(WORLD), "-m", "aroma_peft", *argv, "--out", str(d / "run")],
+                          env=_launch_env(), capture_output=True, text=True, timeout=1200)
+    return d / "ref", d / "run", done
+
+
+def test_the_documented_torchrun_command_exits_0_and_writes_the_whole_run_directory(cli_runs):
+    _, run, done = cli_runs
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["steps"] == 16 and set(final["metrics"]) == {"accuracy", "f1"}
+    assert done.stdout.count('"main_metric"') == 1  # the summary is printed once, not once per process
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [8, 16]
+
+
+def test_the_documented_torchrun_command_takes_the_steps_of_one_process(cli_runs):
+    ref, run, done = cli_runs
+    assert done.returncode == 0, done.stderr[-3000:]
+    # ceil(97 / 8) = 13 steps an epoch, the 13th on one row: 16 steps cross it. One process trains
+    # on that row; two processes must too (the second runs a stand-in of weight 0).
+    assert json.loads((ref / "config.json").read_text())["train_examples"] == SHORT_BATCH_DATA
+    compare_with_one_process(ref, run, WORLD)
+
+
+DROPOUT_RUN = """
+import json, os, sys
+import torch
+from aroma_peft import train as T
+from aroma_peft.methods import MethodOptions
+
+d = json.loads(sys.argv[1])
+record = d.pop("record")
+opts = T.TrainOptions(**(d | {"method_options": MethodOptions(**d["method_options"])}))
+prepare, runs, masks = T.prepare, [], []
+
+def prepare_and_watch(*args, **kwargs):
+    run = prepare(*args, **kwargs)
+    runs.append(run)
+    dropout = next(m for m in run.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0)
+    dropout.register_forward_hook(lambda m, i, o: masks.append(o == 0) if m.training and not masks else None)
+    return run
+
+T.prepare = prepare_and_watch
+T.run(opts)
+rank = int(os.environ["RANK"])
+runs[0].save(__import__("pathlib").Path(record) / f"rank{rank}")  # this process's replica
+torch.save(masks[0], f"{record}/mask-rank{rank}.pt")  # the first training step's first dropout mask
+"""
+
+
+def _launch_dropout_run(d, opts, record) -> None:
+    spec = json.dumps(dataclasses.asdict(opts) | {"record": str(record)})
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(WORLD), str(d / "driver.py"), spec], env=_launch_env(), capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def dropout_run(model_dir, mrpc97_dir, tmp_path_factory):
+    """train.run under torchrun on a model with dropout (0.1 after the embeddings and in every block),
+    each process saving its own replica."""
+    d = tmp_path_factory.mktemp("dropout-torchrun")
+    shutil.copytree(model_dir, d / "model")
+    model = tiny_bert(0)
+    model.config.hidden_dropout_prob = 0.1
+    model.save_pretrained(d / "model")
+    (d / "driver.py").write_text(DROPOUT_RUN)
+    _launch_dropout_run(d, run_options(model_dir, mrpc97_dir, d / "run", model=str(d / "model"),
+                                       batch_size=SHORT_BATCH), d)
+    return d
+
+
+def test_processes_draw_their_own_dropout_masks(dropout_run):
+    masks = [torch.load(dropout_run / f"mask-rank{r}.pt") for r in range(WORLD)]
+    assert masks[0].shape == masks[1].shape  # two slices of 4 rows, padded alike
+    for mask in masks:  # about p = 0.1 of the entries dropped
+        assert 0.05 < mask.float().mean().item() < 0.15
+    assert not torch.equal(masks[0], masks[1])  # independent streams, not the same mask twice
+    # The checkpoint keeps every process's stream, so a resumed run continues each one.
+    tensors = load_file(str(dropout_run / "run" / "checkpoint" / "optimizer.safetensors"))
+    assert not torch.equal(tensors["extra.torch_rng"], tensors["extra.torch_rng.rank1"])
+
+
+def test_with_dropout_and_a_short_last_batch_the_replicas_stay_identical(dropout_run):
+    # Dropout differs between the processes, the gradient is all-reduced: the replicas, and AROMA's
+    # own random draws (Reinit, Reset masks from derived seeds), must agree bit for bit.
+    adapters = [(dropout_run / f"rank{r}" / "adapter" / "aroma_adapter.safetensors").read_bytes() for r in range(WORLD)]
+    assert adapters[0] == adapters[1]
+    controllers = [json.loads((dropout_run / f"rank{r}" / "adapter" / "aroma_controller.json").read_text())
+                   for r in range(WORLD)]
+    assert controllers[0] == controllers[1]  # the same decisions at the same steps
+    assert len(controllers[0]["history"]) > 2  # merges happened (so Reinit and Reset ran)
+    final = json.loads((dropout_run / "run" / "final_metrics.json").read_text())
+    assert final["steps"] == 16  # across the one-row batch that ends the first epoch (step 13)
+
+
+def test_a_resume_under_torchrun_continues_every_dropout_stream(model_dir, mrpc97_dir, dropout_run, tmp_path):
+    # The run's last checkpoint is at step 15; resumed from it on 2 processes, step 16 must draw the
+    # masks the uninterrupted run drew on each process: the same adapter, bit for bit.
+    shutil.copytree(dropout_run / "run", tmp_path / "run")
+    for name in ("adapter", "lora"):
+        shutil.rmtree(tmp_path / "run" / name)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "training_state.json").read_text())["extra"]["step"] == 15
+    opts = run_options(model_dir, mrpc97_dir, tmp_path / "run", model=str(dropout_run / "model"),
+                       batch_size=SHORT_BATCH, resume=True)
+    _launch_dropout_run(dropout_run, opts, tmp_path / "record")
+    for r in range(WORLD):
+        assert (tmp_path / "record" / f"rank{r}" / "adapter" / "aroma_adapter.safetensors").read_bytes() == \
+            (dropout_run / f"rank{r}" / "adapter" / "aroma_adapter.safetensors").read_bytes()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == (dropout_run / "run" / "metrics.jsonl").read_text()

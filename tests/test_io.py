@@ -149,10 +149,7 @@ def test_merge_and_unload_gives_the_same_logits(case):
 def test_unload_gives_back_the_original_model():
     model, _ = bert_aroma(r=2)
     plain = model.unload()
-    fresh = tiny_bert(0)
-    with torch.no_grad():  # modules_to_save keep their trained values; copy them to compare the rest
-        fresh.classifier.load_state_dict(plain.classifier.state_dict())
-    torch.testing.assert_close(bert_logits(plain), bert_logits(fresh), rtol=0, atol=1e-5)
+    torch.testing.assert_close(bert_logits(plain), bert_logits(tiny_bert(0)), rtol=0, atol=1e-5)  # heads too
 
 
 # ------------------------------------------------------------------------------------------ native round trip
@@ -330,3 +327,38 @@ def test_effective_rank_of_zero_matrix_is_zero():
 def test_effective_rank_rejects_non_matrices():
     with pytest.raises(ValueError, match=r"needs a 2-D matrix, got shape \(2, 3, 4\)"):
         effective_rank(torch.zeros(2, 3, 4))
+
+
+# ------------------------------------------------------------------------------------------ low-precision bases
+def train_few_steps(model, steps=12):
+    """AdamW + controller for ``steps`` steps; every inner loop of 4 steps ends in a merge."""
+    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+    ctrl = AromaController(model, opt)
+    model.train()
+    for batch in synthetic_batches(steps, batch_size=8):
+        model(**batch).loss.backward()
+        opt.step(); ctrl.scheduler.step(); opt.zero_grad()
+        ctrl.step()
+    model.eval()
+    return ctrl
+
+
+def test_a_model_cast_to_bf16_trains_merges_exports_and_loads_in_peft(tmp_path):
+    config = AromaConfig(target_modules=BERT_TARGETS, modules_to_save=["classifier"], max_steps=12, eps_in=None,
+                         eps_out=1e-9, check_interval=4, max_inner_steps=4, warmup_steps=2, restart_warmup_steps=1)
+    model = get_aroma_model(tiny_bert(0), config).to(torch.bfloat16)
+    train_few_steps(model)
+    assert all(rank == 3 for rank in model.ranks().values())  # merges at 4, 8 and 12 (kept at T)
+    assert all(layer.merged_A.dtype == torch.float32 for layer in model.aroma_layers.values())
+    expected = bert_logits(model)
+    assert expected.dtype == torch.bfloat16
+    model.export_lora(tmp_path)
+
+    peft_model = peft.PeftModel.from_pretrained(tiny_bert(0, dtype=torch.bfloat16), tmp_path).eval()
+    logits = bert_logits(peft_model)
+    torch.testing.assert_close(logits.float(), expected.float(), rtol=0, atol=2e-2 * expected.abs().max().item())
+    # The same adapter on an fp32 base: the update was not rounded into the bf16 weights.
+    fp32 = peft.PeftModel.from_pretrained(tiny_bert(0), tmp_path).eval()
+    for name, layer in model.aroma_layers.items():
+        peft_layer = fp32.base_model.model.get_submodule(name)
+        torch.testing.assert_close(peft_layer.get_delta_weight("default"), layer.delta_weight(), rtol=1e-6, atol=1e-8)

@@ -313,9 +313,9 @@ def test_state_dict_round_trip_into_a_layer_with_other_merged_sizes(kind, fresh_
 
 
 def test_wrapping_an_unsupported_module_raises():
-    with pytest.raises(TypeError, match="got Conv2d"):
+    with pytest.raises(TypeError, match="cannot wrap this layer: it is a Conv2d; AROMA adapts nn.Linear"):
         AromaLinear(nn.Conv2d(3, 4, 3), r=1, alpha=ALPHA)
-    with pytest.raises(TypeError, match="got Embedding"):
+    with pytest.raises(TypeError, match="it is a Embedding; AROMA adapts nn.Linear"):
         AromaLinear(nn.Embedding(10, 4), r=1, alpha=ALPHA)
 
 
@@ -375,7 +375,7 @@ def test_modules_to_save_are_trainable_and_everything_else_is_frozen():
     trainable = {n for n, p in model.base_model.named_parameters() if p.requires_grad}
     expected = {f"{n}.lora_{f}" for n in model.aroma_layers for f in "AB"} | {"classifier.weight", "classifier.bias"}
     assert trainable == expected
-    assert len(model.aroma_layers) == len(names_of(tiny_bert(), nn.Linear)) - 1
+    assert len(model.aroma_layers) == len(names_of(tiny_bert(), nn.Linear)) - 2  # "all-linear" leaves out the pooler
 
 
 def test_target_modules_matching_nothing_lists_the_existing_suffixes():
@@ -478,3 +478,48 @@ def test_torch_compile_traces_the_fused_path_and_computes_the_same_gradients():
     assert grads.keys() == grads_ref.keys() and len(grads) >= 8
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------------------------------ .to(dtype)
+class TestCastingTheModel:
+    """``model.to(torch.bfloat16)`` casts the base; the factors and merged components stay float32."""
+
+    def test_a_bf16_cast_keeps_the_factors_float32_and_the_forward_runs(self):
+        model = get_aroma_model(tiny_bert(), AromaConfig(target_modules=["query", "value"]))
+        model.to(torch.bfloat16)
+        layer = model.aroma_layers["bert.encoder.layer.0.attention.self.query"]
+        assert layer.base_layer.weight.dtype == torch.bfloat16
+        assert {t.dtype for t in (layer.lora_A, layer.lora_B, layer.merged_A, layer.merged_B)} == {torch.float32}
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+        assert model(input_ids=ids).logits.dtype == torch.bfloat16
+
+    def test_components_folded_in_fp32_are_taken_out_before_the_weight_goes_bf16(self):
+        layer, w0, bias, merged, live = build("fp32_linear", r=2, n_merges=3)
+        layer.to(torch.bfloat16)
+        # The bf16 weight is W0 rounded, not W0 + s B A rounded: the components stay exact beside it.
+        torch.testing.assert_close(weight_out_in(layer.base_layer), w0.to(torch.bfloat16).to(torch.float64),
+                                   rtol=0, atol=1e-6)
+        x = make_input("bf16_linear")
+        expected = reference(x, w0.to(torch.bfloat16).to(torch.float64), bias.to(torch.bfloat16).to(torch.float64),
+                             merged, live, r=2)
+        torch.testing.assert_close(layer(x).to(torch.float64), expected, **tolerance("bf16_linear", expected))
+        layer.float()  # and back: folded again, the same function in fp32
+        assert layer.base_layer.weight.dtype == torch.float32
+        torch.testing.assert_close(layer(x.float()).to(torch.float64), expected, **tolerance("bf16_linear", expected))
+
+    def test_a_small_update_merged_after_a_bf16_cast_is_not_rounded_away(self):
+        base = make_base("fp32_linear")
+        layer = AromaLinear(base, r=1, alpha=ALPHA).to(torch.bfloat16)
+        w_bf16 = weight_out_in(layer.base_layer)
+        g = torch.Generator().manual_seed(5)
+        # ||s b a|| is about 1e-3 of ||W0||: below bf16's resolution for most entries of W0.
+        b, a = set_live(layer, g, scale=0.01)
+        layer.merge_live()
+        layer.reinit_live()
+        assert torch.equal(weight_out_in(layer.base_layer), w_bf16)  # the weight was not touched
+        expected = ALPHA * (b @ a)  # float64, from the factors the test wrote
+        assert expected.norm() / w_bf16.norm() < 2e-3
+        torch.testing.assert_close(layer.delta_weight().to(torch.float64), expected, rtol=1e-6, atol=1e-9)
+        # eq. (6)'s denominator sees the update too: ||W0 + s b a|| in float64.
+        torch.testing.assert_close(layer.merged_weight_norm().to(torch.float64), (w_bf16 + expected).norm(),
+                                   rtol=1e-6, atol=0)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,14 +147,121 @@ def test_bad_options_name_the_option(model_dir, mrpc_dir, tmp_path, change, matc
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_with_another_configuration_names_the_field(model_dir, mrpc_dir, tmp_path):
-    run_dir = tmp_path / "run"
+def snapshot(run_dir) -> dict:
+    """Every file under ``run_dir`` (TensorBoard's too): its bytes and modification time."""
+    return {p.relative_to(run_dir): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def checkpointed(model_dir, mrpc_dir, tmp_path_factory):
+    """A finished 6-step run; its checkpoint (step 5) stays in the run directory."""
+    run_dir = tmp_path_factory.mktemp("checkpointed") / "run"
     T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1))
-    assert (run_dir / "checkpoint" / "training_state.json").is_file()  # step 5
-    with pytest.raises(ValueError, match=r"AromaConfig\.eps_out=0\.05 in the file, 0\.02 in this model"):
-        T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1, resume=True,
-                      method_options=MethodOptions(max_inner_steps=4, check_interval=2, restart_warmup_steps=1,
-                                                   eps_out=0.02)))
+    assert (run_dir / "checkpoint" / "training_state.json").is_file()
+    return run_dir
+
+
+def no_model_loading(monkeypatch):
+    def load(*args):
+        raise AssertionError("the model was loaded: the refusal came after compute started")
+    monkeypatch.setattr(T, "load_model_and_tokenizer", load)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"model": "OTHER"}, r"--model: '[^']*tiny-bert[^']*' in the checkpoint, '[^']*other-model' now"),
+    ({"batch_size": 8}, r"--batch-size: 16 in the checkpoint, 8 now"),
+    ({"train_limit": 50}, r"--train-limit: None in the checkpoint, 50 now"),
+    ({"max_seq_len": 64}, r"--max-seq-len: 128 in the checkpoint, 64 now"),
+    ({"lr": 1e-2}, r"--lr: 0\.005 in the checkpoint, 0\.01 now"),
+    ({"max_steps": 8}, r"--max-steps \(resolved\): 6 in the checkpoint, 8 now"),
+    ({"seed": 1}, r"--seed: 0 in the checkpoint, 1 now"),
+    ({"method_options": MethodOptions(max_inner_steps=4, check_interval=2, restart_warmup_steps=1, eps_out=0.02)},
+     r"--eps-out: 0\.05 in the checkpoint, 0\.02 now"),
+], ids=["model", "batch_size", "train_limit", "max_seq_len", "lr", "max_steps", "seed", "eps_out"])
+def test_a_resume_with_other_options_is_refused_before_compute_and_changes_nothing(
+        model_dir, mrpc_dir, checkpointed, tmp_path, monkeypatch, change, match):
+    import shutil
+
+    from conftest import tiny_bert
+
+    if change.get("model") == "OTHER":  # another model of the same shapes: the same config.json
+        shutil.copytree(model_dir, tmp_path / "other-model")
+        tiny_bert(1).save_pretrained(tmp_path / "other-model")
+        change = {"model": str(tmp_path / "other-model")}
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpointed, run_dir)  # copy2: contents and modification times
+    before = snapshot(run_dir)
+    no_model_loading(monkeypatch)
+    with pytest.raises(ValueError, match=r"--resume: the checkpoint in .*run was made with other options.*" + match):
+        T.run(dataclasses.replace(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1, resume=True),
+                                  **change))
+    assert snapshot(run_dir) == before
+
+
+def test_the_refusal_lists_every_difference(model_dir, mrpc_dir, checkpointed, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(checkpointed, tmp_path / "run")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: refused before any process group starts
+    no_model_loading(monkeypatch)
+    with pytest.raises(ValueError) as err:
+        T.run(options(model_dir, mrpc_dir, tmp_path / "run", max_steps=6, warmup_steps=1, resume=True, lr=1e-2,
+                      batch_size=8))
+    assert str(err.value).count(" in the checkpoint, ") == 3
+    for line in ("--batch-size: 16 in the checkpoint, 8 now", "--lr: 0.005 in the checkpoint, 0.01 now",
+                 "the number of processes: 1 in the checkpoint, 2 now"):
+        assert line in str(err.value)
+
+
+def test_options_free_to_change_on_resume_are_accepted(model_dir, mrpc_dir, checkpointed, tmp_path):
+    import shutil
+
+    shutil.copytree(checkpointed, tmp_path / "run")
+    final = T.run(options(model_dir, mrpc_dir, tmp_path / "run", max_steps=6, warmup_steps=1, resume=True,
+                          eval_batch_size=7, eval_steps=3, save_steps=2, max_nonfinite_steps=3))
+    assert final["steps"] == 6
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["eval_batch_size"] == 7
+
+
+def test_a_checkpoint_that_records_no_options_resumes_with_a_warning(model_dir, mrpc_dir, checkpointed, tmp_path):
+    import shutil
+
+    shutil.copytree(checkpointed, tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint" / "training_state.json"
+    state = json.loads(path.read_text())
+    del state["extra"]["run"]  # as an older version wrote it
+    path.write_text(json.dumps(state))
+    with pytest.warns(RuntimeWarning, match="the checkpoint records no options"):
+        assert T.run(options(model_dir, mrpc_dir, tmp_path / "run", max_steps=6, warmup_steps=1, resume=True))["steps"] == 6
+
+
+def test_resuming_rewrites_metrics_jsonl_by_a_rename_not_in_place(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "main": 0.5}) + "\n" for s in (8, 16)]
+    path.write_text("".join(lines))
+    os.link(path, tmp_path / "as-it-was")  # the old file's inode: a rewrite in place would change it
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd)))
+    T._drop_metrics_after(path, 10)
+    assert path.read_text() == lines[0]  # the evaluation after step 10 is dropped
+    assert (tmp_path / "as-it-was").read_text() == "".join(lines)  # never truncated: a kill keeps the history
+    assert len(synced) >= 2  # the new file, then the folder's rename
+
+
+def test_checkpoint_renames_are_flushed_before_the_previous_checkpoint_goes(model_dir, mrpc_dir, tmp_path,
+                                                                           monkeypatch):
+    events = []
+    fsync_dir, rmtree = T.fsync_dir, T.shutil.rmtree
+    monkeypatch.setattr(T, "fsync_dir", lambda d: (events.append(("fsync", Path(d).name)), fsync_dir(d)))
+    monkeypatch.setattr(T.shutil, "rmtree", lambda d, **kw: (events.append(("rmtree", Path(d).name)), rmtree(d, **kw)))
+    T.run(options(model_dir, mrpc_dir, tmp_path / "run", max_steps=11, warmup_steps=1))  # checkpoints at 5, 10
+    second = events[events.index(("rmtree", ".checkpoint.tmp"), 1):]  # the second checkpoint's events
+    # clear leftovers, write .checkpoint.tmp, rename checkpoint -> .old and .tmp -> checkpoint, flush the
+    # folder, and only then delete the previous checkpoint
+    assert second[:4] == [("rmtree", ".checkpoint.tmp"), ("rmtree", ".checkpoint.old"), ("fsync", "run"),
+                          ("rmtree", ".checkpoint.old")]
 
 
 def test_a_checkpoint_swap_cut_short_falls_back_to_the_previous_checkpoint(model_dir, mrpc_dir, tmp_path,
@@ -211,6 +319,12 @@ def launch_and_compare(model_dir, mrpc_dir, tmp_path, launcher: list[str], proce
     done = subprocess.run([sys.executable, *launcher, str(tmp_path / "driver.py"), spec], env=env,
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
+    compare_with_one_process(ref_dir, run_dir, processes)
+
+
+def compare_with_one_process(ref_dir, run_dir, processes: int) -> None:
+    """The run in ``run_dir`` (on ``processes`` processes) took the decisions of the one-process run in
+    ``ref_dir`` at the same steps and ended with its adapter, within data-parallel rounding."""
     assert json.loads((run_dir / "config.json").read_text())["processes"] == processes
     ref_controller = json.loads((ref_dir / "adapter" / "aroma_controller.json").read_text())
     controller = json.loads((run_dir / "adapter" / "aroma_controller.json").read_text())

@@ -186,3 +186,113 @@ def test_the_trainer_under_torchrun_takes_the_same_decisions_on_every_process(tm
     tensors = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
     for key in tensors[0]:
         assert torch.equal(tensors[0][key], tensors[1][key]), key  # replicas bit-identical
+
+
+# ------------------------------------------------------------------------------------------ silent failures
+def small_config(max_steps=12, **overrides):
+    kw = dict(target_modules=["query", "value", "intermediate.dense"], modules_to_save=["classifier"],
+              max_steps=max_steps, check_interval=2, max_inner_steps=4, eps_out=1e-4, warmup_steps=2,
+              restart_warmup_steps=1)
+    return AromaConfig(**(kw | overrides))
+
+
+def small_args(out, max_steps=12, **overrides):
+    kw = dict(output_dir=str(out), per_device_train_batch_size=16, max_steps=max_steps, logging_steps=1,
+              save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    return TrainingArguments(**(kw | overrides))
+
+
+class TestTrainerMisuse:
+    def test_a_trainer_without_the_callback_stops_at_its_second_step(self, tmp_path):
+        model = get_aroma_model(tiny_bert(), small_config())
+        controller = AromaController(model)
+        optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+        trainer = Trainer(model=model, args=small_args(tmp_path), train_dataset=ListDataset(rows(2)),
+                          optimizers=(optimizer, controller.attach_optimizer(optimizer)))
+        with pytest.raises(RuntimeError, match=r"optimizer step 2 without controller\.step\(\).*AromaCallback"):
+            trainer.train()
+        assert controller.loop.step_count == 0
+
+    def test_a_trainer_without_a_controller_stops_at_its_second_step(self, tmp_path):
+        model = get_aroma_model(tiny_bert(), small_config())
+        trainer = Trainer(model=model, args=small_args(tmp_path), train_dataset=ListDataset(rows(2)))
+        with pytest.raises(RuntimeError, match=r"taking step 2 of the live factors without an AromaController.*AromaCallback"):
+            trainer.train()
+        assert trainer.state.global_step == 1
+
+    def test_gradient_accumulation_with_the_callback_steps_the_controller_once_per_optimizer_step(self, tmp_path):
+        model = get_aroma_model(tiny_bert(), small_config())
+        controller = AromaController(model)
+        optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+        trainer = Trainer(model=model, args=small_args(tmp_path, gradient_accumulation_steps=3),
+                          train_dataset=ListDataset(rows(6)), optimizers=(optimizer, controller.attach_optimizer(optimizer)),
+                          callbacks=[AromaCallback(controller)])
+        trainer.train()
+        assert controller.loop.step_count == trainer.state.global_step == 12
+        assert sum(model.ranks().values()) > 0
+
+    def test_trainer_max_steps_must_be_the_controllers_T(self, tmp_path):
+        model = get_aroma_model(tiny_bert(), small_config(max_steps=50))
+        controller = AromaController(model)
+        optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+        trainer = Trainer(model=model, args=small_args(tmp_path, max_steps=6), train_dataset=ListDataset(rows(2)),
+                          optimizers=(optimizer, controller.attach_optimizer(optimizer)),
+                          callbacks=[AromaCallback(controller)])
+        with pytest.raises(ValueError, match=r"the Trainer runs 6 optimizer steps .* T = max_steps = 50"):
+            trainer.train()
+        assert trainer.state.global_step == 0
+
+
+def factor_grads(model, batch):
+    model.train()
+    model(**batch).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+class TestGradientCheckpointing:
+    def test_reentrant_checkpointing_enabled_through_the_model_gives_the_plain_gradients(self):
+        batch = synthetic_batches(1)[0]
+        reference = get_aroma_model(tiny_bert(), small_config())
+        for layer in reference.aroma_layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.1, generator=torch.Generator().manual_seed(layer.index))
+        expected = factor_grads(reference, batch)
+
+        model = get_aroma_model(tiny_bert(), small_config())
+        model.load_state_dict(reference.state_dict())
+        model.gradient_checkpointing_enable()  # what the Trainer calls: transformers' default is reentrant
+        assert model.base_model.is_gradient_checkpointing
+        grads = factor_grads(model, batch)
+        assert grads.keys() == expected.keys() and len(grads) == 2 * 6 + 2
+        for name in grads:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    def test_a_trainer_with_gradient_checkpointing_merges_components(self, tmp_path):
+        model = get_aroma_model(tiny_bert(), small_config())
+        controller = AromaController(model)
+        optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+        trainer = Trainer(model=model, args=small_args(tmp_path, gradient_checkpointing=True),
+                          train_dataset=ListDataset(rows(2)), optimizers=(optimizer, controller.attach_optimizer(optimizer)),
+                          callbacks=[AromaCallback(controller)])
+        trainer.train()
+        assert trainer.state.global_step == 12
+        assert all(rank >= 2 for rank in model.ranks().values())  # eq. (6) never held at eps_out 1e-4
+        assert all(check["eq6_ratio"] and min(check["eq6_ratio"]) > 0 for check in controller.outer_checks)
+
+    def test_no_gradient_reaching_the_factors_is_an_error_that_names_reentrant_checkpointing(self):
+        model = get_aroma_model(tiny_bert(), small_config())
+        model.base_model.gradient_checkpointing_enable()  # on the base, after wrapping: the inputs need no grad
+        optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+        controller = AromaController(model, optimizer)
+        model.train()
+        pattern = (r"no gradient reached the live factors of 6 module\(s\) .*bert\.encoder\.layer\.0\.attention\.self\.query"
+                   r".*reentrant gradient checkpointing.*use_reentrant.*False.*enable_input_require_grads")
+        with pytest.raises(RuntimeError, match=pattern):
+            for batch in synthetic_batches(4):
+                model(**batch).loss.backward()
+                optimizer.step()
+                controller.scheduler.step()
+                optimizer.zero_grad()
+                controller.step()
+        assert controller.loop.step_count == 4 and sum(model.ranks().values()) == 0

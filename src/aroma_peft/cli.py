@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -110,16 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
 def train_options_from_args(args) -> "TrainOptions":
     """Built-in defaults < preset < command-line options."""
     from .presets import resolve_preset
-    from .train import TrainOptions
+    from .train import TrainOptions, validate_option
 
+    given = {_field(flag): getattr(args, _field(flag)) for flag, _, _ in RUN_OPTIONS + METHOD_OPTIONS
+             if getattr(args, _field(flag)) is not None}
+    for name, value in given.items():  # before the preset reads the model's config
+        validate_option(name, value)
     values: dict = {}
     if args.preset:
         model_config = _model_config(args.model)
         values.update(resolve_preset(args.preset, args.task, args.method, model_config))
-    for flag, _, _ in RUN_OPTIONS + METHOD_OPTIONS:
-        v = getattr(args, _field(flag))
-        if v is not None:
-            values[_field(flag)] = v
+    values.update(given)
     if args.target_modules:
         values["target_modules"] = args.target_modules
     if args.modules_to_save:
@@ -141,6 +143,9 @@ def train_options_from_args(args) -> "TrainOptions":
 def _model_config(model: str):
     from transformers import AutoConfig
 
+    from .train import check_model_folder
+
+    check_model_folder(model)
     try:
         return AutoConfig.from_pretrained(model)
     except OSError as err:
@@ -148,7 +153,14 @@ def _model_config(model: str):
 
 
 def cmd_export(run_dir: Path, out: Path, fmt: str) -> None:
-    config = json.loads((run_dir / "config.json").read_text())
+    """Write the export into a folder beside ``out``, check every safetensors file reads back, then
+    rename it into place: ``out`` appears complete or not at all. An existing non-empty ``out`` is refused."""
+    from .io import read_json, verify_safetensors
+
+    config = read_json(run_dir / "config.json")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ValueError(f"{out}: already exists and is not an empty folder; export into a new folder "
+                         "(nothing was written)")
     method = config["method"]
     if fmt == "lora":
         if method in ("aroma", "relora"):
@@ -158,8 +170,15 @@ def cmd_export(run_dir: Path, out: Path, fmt: str) -> None:
         else:
             raise ValueError(f"a {method} run has no standard LoRA adapter; use --format merged")
         if not src.is_dir():
+            from .io import saved_rank_zero_message
+
+            reason = saved_rank_zero_message(run_dir / "adapter") if method in ("aroma", "relora") else None
+            if reason:
+                raise ValueError(f"{run_dir}: {reason}")
             raise FileNotFoundError(f"{src}: no LoRA adapter in this run directory (did the run finish?)")
-        shutil.copytree(src, out, dirs_exist_ok=True)
+        read_json(src / "adapter_config.json")
+        verify_safetensors(src)
+        _write_then_rename(out, lambda tmp: shutil.copytree(src, tmp))
         return
     from .train import load_model_and_tokenizer
     from .tasks.glue import get_task
@@ -181,19 +200,64 @@ def cmd_export(run_dir: Path, out: Path, fmt: str) -> None:
         if missing.unexpected_keys:
             raise ValueError(f"{adapter}: tensors not in the model: {missing.unexpected_keys[:5]}")
         merged = base
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    _write_then_rename(out, write)
+
+
+def _write_then_rename(out: Path, write) -> None:
+    from .io import fsync_dir, verify_safetensors
+
+    tmp = out.parent / f".{out.name}.export-tmp"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        verify_safetensors(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked before anything was written)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+NUMERIC_FLAGS = {f"--{flag}" for flag, typ, _ in RUN_OPTIONS + METHOD_OPTIONS if typ in (int, float)}
+
+
+def attach_negative_numbers(argv: list[str]) -> list[str]:
+    """``--lr -1e-3`` as ``--lr=-1e-3``: argparse would read ``-1e-3`` as an option, not as the value
+    (it only recognizes ``-1`` and ``-0.5``). The value then reaches validation, which names it."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] in NUMERIC_FLAGS and token.startswith("-") and _is_float(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(attach_negative_numbers(sys.argv[1:] if argv is None else list(argv)))
     try:
         if args.command == "train":
             from .train import run
 
             final = run(train_options_from_args(args))
-            print(json.dumps({k: final[k] for k in ("task", "method", "main_metric", "metrics", "majority_baseline",
-                                                     "trainable_params", "total_rank", "steps", "wall_time_s")}, indent=2))
+            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process returns it: print it once
+                    print(json.dumps({k: final[k] for k in ("task", "method", "main_metric", "metrics", "majority_baseline",
+                                                         "trainable_params", "total_rank", "steps", "wall_time_s")},
+                                 indent=2))
         elif args.command == "demo":
             from .demo import run_demo
 

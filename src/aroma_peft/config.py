@@ -41,7 +41,7 @@ class AromaConfig:
         target_modules: which linears to adapt: a list of name suffixes (PEFT semantics: the full
             name equals the suffix or ends with ``"." + suffix``), a single string used as a regex
             that must match the full module name, or ``"all-linear"`` (every ``nn.Linear``/``Conv1D``
-            except the output head).
+            except the output head: ``lm_head``, or a classifier's head and its pooler).
         exclude_modules: suffixes (or one regex string) removed from the match.
         modules_to_save: suffixes of modules trained in full and saved with the adapter (a
             classifier head, say). They are not AROMA components and never converge.

@@ -62,13 +62,25 @@ class AromaController:
         self.skipping = False  # the current step was skipped: step() and the schedule do not advance
         self.optimizer = None
         self.scheduler = None
+        self._step_hook = None
+        self._unchecked_optimizer_steps = 0  # optimizer steps since the last step()
         if optimizer is not None:
             self.attach_optimizer(optimizer)
         self._record()
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer, scheduler: AromaLRSchedule | None = None) -> AromaLRSchedule:
-        """Use ``optimizer`` for Resets; create (or adopt) the schedule that drives its learning rate."""
+        """Use ``optimizer`` for Resets; create (or adopt) the schedule that drives its learning rate.
+
+        From then on the optimizer refuses to take a second step without a ``step()`` of this
+        controller in between (``RuntimeError``): a loop or Trainer that forgets it would train a
+        plain LoRA with no check, merge or stop.
+        """
+        if self._step_hook is not None:
+            self._step_hook.remove()
         self.optimizer = optimizer
+        self._step_hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+        self._unchecked_optimizer_steps = 0
+        self.model.controlled = True
         self.scheduler = scheduler if scheduler is not None else AromaLRSchedule(optimizer, self)
         return self.scheduler
 
@@ -96,8 +108,18 @@ class AromaController:
         self.skipping = self.nonfinite.check(self.model.adapter_parameters(), loss, step=self.loop.step_count + 1)
         return self.skipping
 
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._unchecked_optimizer_steps:
+            raise RuntimeError(
+                f"AromaController: optimizer step {self._unchecked_optimizer_steps + 1} without controller.step() "
+                f"(the controller is at step {self.loop.step_count}): AROMA's checks, merges and stop happen in "
+                "controller.step(), to be called after every optimizer.step(). With the Hugging Face Trainer, pass "
+                "callbacks=[AromaCallback(controller)]")
+        self._unchecked_optimizer_steps += 1
+
     def step(self) -> bool:
         """Call once after every ``optimizer.step()``. Returns True when training is finished."""
+        self._unchecked_optimizer_steps = 0
         if self.skipping:
             self.skipping = False
             return self.finished
@@ -117,7 +139,22 @@ class AromaController:
         return self._stacked([self.layers[i].live_norm() for i in indices])
 
     def _ratios(self, indices: list[int]) -> list[float]:
-        return self._stacked([self.layers[i].outer_ratio(self.config.outer_criterion) for i in indices])
+        """Eq. (6) for ``indices``; a live component still exactly 0 after a whole inner loop is an error."""
+        values = self._stacked([self.layers[i].live_norm() for i in indices]
+                               + [self.layers[i].outer_ratio(self.config.outer_criterion) for i in indices])
+        norms, ratios = values[:len(indices)], values[len(indices):]
+        # b starts at 0 and any gradient moves it: exactly 0 means no gradient reached the factors.
+        dead = [self.names[i] for i, norm in zip(indices, norms) if norm == 0.0]
+        if dead:
+            raise RuntimeError(
+                f"AromaController: no gradient reached the live factors of {len(dead)} module(s) in the "
+                f"{self.loop.inner_step} steps of this inner loop (step {self.loop.step_count}; {', '.join(dead[:3])}"
+                f"{', ...' if len(dead) > 3 else ''}): ||b a|| is exactly 0, so eq. (6) would freeze them at rank 0. "
+                "The usual cause is reentrant gradient checkpointing (transformers' default) with frozen embeddings: "
+                "enable it through the AromaModel (model.gradient_checkpointing_enable(), which the Trainer calls), pass "
+                'gradient_checkpointing_kwargs={"use_reentrant": False}, or call model.enable_input_require_grads(). '
+                "A module that the forward pass does not use gets no gradient either: leave it out with exclude_modules")
+        return ratios
 
     def _apply(self, d: Decision) -> None:
         """Carry out a decision after the optimizer step, before the next forward."""
@@ -211,5 +248,6 @@ class AromaController:
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
         for layer, m in zip(self.layers, self.loop.modules):
             layer.set_active(m.active)
+        self._unchecked_optimizer_steps = 0
         if self.scheduler is not None:
             self.scheduler.refresh()

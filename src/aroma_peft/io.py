@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import AromaConfig
-from .layer import copy_full_, full_tensor
+from .layer import base_features, copy_full_, full_tensor
 
 ADAPTER_WEIGHTS = "aroma_adapter.safetensors"
 ADAPTER_META = "aroma_adapter.json"
@@ -22,24 +22,40 @@ CONTROLLER_STATE = "aroma_controller.json"
 FORMAT_VERSION = 1
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make the renames inside ``directory`` durable (they live in the directory's own entry)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file."""
+    """Call ``write(tmp_path)``, flush it to disk, then rename over ``path`` and flush the folder: a
+    crash, a kill or a power loss leaves the old file or the new one, never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, allow_nan=False)))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -56,7 +72,13 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from None
 
 
-def _read_json(path: Path) -> dict:
+def verify_safetensors(directory: Path) -> None:
+    """Every ``*.safetensors`` file under ``directory`` reads back whole (else a ValueError naming it)."""
+    for path in sorted(Path(directory).rglob("*.safetensors")):
+        _read_safetensors(path)
+
+
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found")
     try:
@@ -92,7 +114,7 @@ def save_adapter(model, directory: str | Path, controller=None) -> None:
         "config": model.aroma_config.to_dict(),
         "modules": modules,
         "modules_to_save": model.modules_to_save_names,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256_file(weights),
     })
 
 
@@ -108,7 +130,7 @@ def _expect(tensors: dict, key: str, shape: tuple, path: Path) -> torch.Tensor:
 def _read_adapter(directory: Path) -> tuple[dict, AromaConfig, dict[str, torch.Tensor], Path]:
     """Metadata, config and tensors of a saved adapter, the weights checked against their sha256."""
     meta_path, weights_path = directory / ADAPTER_META, directory / ADAPTER_WEIGHTS
-    meta = _read_json(meta_path)
+    meta = read_json(meta_path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     try:
@@ -116,7 +138,7 @@ def _read_adapter(directory: Path) -> tuple[dict, AromaConfig, dict[str, torch.T
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{meta_path}: bad 'config': {err}") from None
     tensors = _read_safetensors(weights_path)
-    if meta.get("weights_sha256") != _sha256(weights_path):
+    if meta.get("weights_sha256") != sha256_file(weights_path):
         raise ValueError(f"{weights_path}: content does not match the sha256 recorded in {meta_path} "
                          "(the file was changed or only partly written)")
     return meta, config, tensors, weights_path
@@ -161,8 +183,7 @@ def load_adapter(model, directory: str | Path):
     _check_modules(meta, targets, directory / ADAPTER_META)
     checked = {}
     for name in targets:
-        w = model.get_submodule(name).weight
-        n_in, n_out = (w.shape[1], w.shape[0]) if isinstance(model.get_submodule(name), torch.nn.Linear) else w.shape
+        n_in, n_out = base_features(model.get_submodule(name))
         checked[name] = _checked_factors(tensors, meta, name, config.r, n_in, n_out, weights_path)
     saved = {}
     for head in _modules_to_save_names(model, config):
@@ -196,7 +217,7 @@ def load_adapter_into(aroma, directory: str | Path) -> None:
 
 def load_controller_state(directory: str | Path) -> dict:
     """The controller state saved beside an adapter (pass it to ``AromaController.load_state_dict``)."""
-    return _read_json(Path(directory) / CONTROLLER_STATE)
+    return read_json(Path(directory) / CONTROLLER_STATE)
 
 
 # ---------------------------------------------------------------------- optimizer and schedule (resume)
@@ -223,16 +244,16 @@ def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
     write_json(directory / TRAINING_STATE, {
         "param_groups": state["param_groups"], "state_numbers": numbers,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "tensors_sha256": _sha256(directory / OPTIMIZER_TENSORS), "extra": extra or {}})
+        "tensors_sha256": sha256_file(directory / OPTIMIZER_TENSORS), "extra": extra or {}})
 
 
 def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
                         scheduler=None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore what ``save_training_state`` wrote; returns its ``extra`` and ``tensors``."""
     directory = Path(directory)
-    meta = _read_json(directory / TRAINING_STATE)
+    meta = read_json(directory / TRAINING_STATE)
     flat = _read_safetensors(directory / OPTIMIZER_TENSORS)
-    if meta.get("tensors_sha256") != _sha256(directory / OPTIMIZER_TENSORS):
+    if meta.get("tensors_sha256") != sha256_file(directory / OPTIMIZER_TENSORS):
         raise ValueError(f"{directory / OPTIMIZER_TENSORS}: content does not match the sha256 recorded in "
                          f"{directory / TRAINING_STATE}")
     state: dict = {}
@@ -287,8 +308,7 @@ def export_lora(model, directory: str | Path) -> None:
         tensors[f"base_model.model.{name}.lora_B.weight"] = b
         fan_in_fan_out |= layer.is_conv1d
     if not targets:
-        raise ValueError("export_lora: every adapted module has rank 0 (all converged at their first "
-                         "component); there is no LoRA update to export")
+        raise ValueError(f"export_lora: {rank_zero_message(model.aroma_config, heads=model.modules_to_save_names)}")
     for key, value in model.modules_to_save_state().items():
         tensors[f"base_model.model.{key}"] = value
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -311,6 +331,49 @@ def export_lora(model, directory: str | Path) -> None:
     config_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.to_dict().items()}
     write_json(directory / "adapter_config.json", config_dict | {"peft_type": "LORA"})
     _check_export(directory, tensors, rank_pattern, alpha_pattern)
+
+
+def rank_zero_message(config: AromaConfig, modules: list[dict] | None = None, heads=()) -> str:
+    """What an adapter whose every module has rank 0 means, and what to try.
+
+    ``modules``: the dual loop's per-module states (``aroma_controller.json``'s ``loop.modules``),
+    for the steps and eq. (6) ratios at which they converged; ``heads``: ``modules_to_save``.
+    """
+    converged = [m for m in modules or [] if m.get("converged")]
+    if converged:
+        steps = sorted({m["finished_at"] for m in converged})
+        ratios = [m["last_ratio"] for m in converged if m.get("last_ratio") is not None]
+        what = (f"every adapted module ({len(converged)} of {len(modules)}) converged by eq. (6) at its first outer "
+                f"check, at step {steps[0]}" + (f" to {steps[-1]}" if len(steps) > 1 else "")
+                + (f" (ratios {min(ratios):.2e} to {max(ratios):.2e}, below eps_out={config.eps_out:g})" if ratios else ""))
+    else:
+        what = ("every adapted module has rank 0: eq. (6) converged each one at its first outer check "
+                f"(ratio below eps_out={config.eps_out})")
+    text = (f"{what}, and a converged module's last component is discarded (converged_component='discard', the "
+            "paper's rule), so the adapter leaves every weight as it was: there is no LoRA update to export. "
+            "To keep components, lower eps_out below those ratios (docs/algorithm.md, 'Setting eps_out'), or use "
+            "outer_criterion='update' (a module always keeps its first component) or converged_component='merge'")
+    if heads:
+        text += f". The trained modules_to_save ({', '.join(heads)}) are in the merged model: aroma export --format merged"
+    return text
+
+
+def saved_rank_zero_message(directory: str | Path) -> str | None:
+    """``rank_zero_message`` for the adapter saved in ``directory`` when every module in it has
+    rank 0 and is frozen (None otherwise, or when there is no readable adapter there)."""
+    directory = Path(directory)
+    try:
+        meta = read_json(directory / ADAPTER_META)
+        config = AromaConfig.from_dict(meta["config"])
+        if any(m["rank"] or m["active"] for m in meta["modules"].values()):
+            return None
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    try:
+        modules = read_json(directory / CONTROLLER_STATE)["loop"]["modules"]
+    except (OSError, KeyError, TypeError, ValueError):
+        modules = None
+    return rank_zero_message(config, modules, heads=meta.get("modules_to_save") or ())
 
 
 def _check_export(directory: Path, tensors: dict, rank_pattern: dict, alpha_pattern: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,37 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()
 
 SUPPORTED_BASE_LAYERS = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` (its weight is packed NF4/FP4 bytes, dequantized to compute)."""
+    bnb = sys.modules.get("bitsandbytes")  # a module cannot be one unless bitsandbytes is imported
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def unsupported_base_layer(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be an AROMA base layer, or None when it can.
+
+    An ``nn.Linear`` subclass that computes its own ``forward`` (quantized layers: bitsandbytes,
+    GPTQ, ...) may keep a packed weight of another shape; reading it as ``(out, in)`` would build
+    factors of the wrong shape, so such a layer is refused, except bitsandbytes' 4-bit ``Linear4bit``
+    (QLoRA style: eq. (6) on the dequantized weight, merged components kept beside it).
+    """
+    if not isinstance(module, SUPPORTED_BASE_LAYERS):
+        return f"a {type(module).__name__}; AROMA adapts nn.Linear and transformers Conv1D only"
+    if type(module) in SUPPORTED_BASE_LAYERS or type(module).forward is nn.Linear.forward or is_4bit(module):
+        return None
+    return (f"a {type(module).__name__}, a subclass of nn.Linear with its own forward "
+            "(a quantized or otherwise packed weight); AROMA adapts plain nn.Linear and transformers Conv1D "
+            "layers, and bitsandbytes' 4-bit Linear4bit: leave it out with exclude_modules, or load the model "
+            "unquantized or in 4 bits")
+
+
+def base_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported base layer (a packed weight's shape is not them)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)  # Conv1D: (in, out)
 
 
 def derived_seed(*parts: int) -> int:
@@ -125,17 +157,18 @@ class AromaLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, seed: int = 0, index: int = 0):
         super().__init__()
-        if not isinstance(base_layer, SUPPORTED_BASE_LAYERS):
-            raise TypeError(f"AromaLinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+        why = unsupported_base_layer(base_layer)
+        if why is not None:
+            raise TypeError(f"AromaLinear cannot wrap this layer: it is {why}")
         self.base_layer = base_layer
         self.is_conv1d = not isinstance(base_layer, nn.Linear)
+        self.quantized = is_4bit(base_layer)
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.is_conv1d else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = base_features(base_layer)
         self.r = r
         self.scaling = alpha / r
         self.seed = seed
         self.index = index
-        self.fold_merged = w.dtype == torch.float32
         self.active = True  # False once converged (or stopped at T): the live factors are frozen and unused
         dev = w.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=torch.float32))
@@ -145,6 +178,35 @@ class AromaLinear(nn.Module):
         self.reinit_live()
 
     # ---------------------------------------------------------------- state
+    @property
+    def fold_merged(self) -> bool:
+        """Whether the merged components are folded into the base weight: exactly when it is fp32."""
+        return self.base_layer.weight.dtype == torch.float32
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ``.cuda()``...: the base layer follows; the factors and the
+        merged components follow the device only and stay float32. Components folded into an fp32
+        weight are taken out before it is cast to another dtype (a bf16 weight would round a
+        small update away) and folded in again when it comes back to fp32."""
+        if self.fold_merged and self.rank:
+            w = self.base_layer.weight
+            if fn(torch.empty(0, dtype=w.dtype, device=w.device)).dtype != torch.float32:
+                self.original_base_layer()
+        was_folded = self.fold_merged
+
+        def factors(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return t.to(out.device) if out.is_floating_point() and out.dtype != t.dtype else out
+
+        if recurse:
+            self.base_layer._apply(fn)
+        super()._apply(factors, recurse=False)
+        if self.fold_merged and not was_folded and self.rank:
+            with torch.no_grad():
+                w = self.base_layer.weight
+                w.add_(like(w, self._delta_in_weight_layout(self.merged_B, self.merged_A)), alpha=self.scaling)
+        return self
+
     @property
     def num_merged(self) -> int:
         """Number of merged rank-r components (p - 1 while training)."""
@@ -205,9 +267,18 @@ class AromaLinear(nn.Module):
         delta = b @ a  # (out, in)
         return delta.T if self.is_conv1d else delta
 
+    def base_weight(self) -> torch.Tensor:
+        """The base weight in fp32, in its layout (folded components included); a 4-bit one dequantized."""
+        w = self.base_layer.weight
+        if self.quantized:
+            import bitsandbytes as bnb
+
+            return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+        return w.detach().to(torch.float32)
+
     def merged_weight_norm(self) -> torch.Tensor:
         """||W0 + s B_{p-1} A_{p-1}||_F in fp32: the denominator of eq. (6)."""
-        w = self.base_layer.weight.detach().to(torch.float32)
+        w = self.base_weight()
         if self.rank and not self.fold_merged:
             w = w + self.scaling * like(w, self._delta_in_weight_layout(self.merged_B, self.merged_A))
         # A sharded W0 (FSDP2): the norm of the shards' norms, the same on every process.
@@ -265,7 +336,8 @@ class AromaLinear(nn.Module):
 
     # ---------------------------------------------------------------- whole-weight views
     def _delta(self, merged: bool, live: bool) -> torch.Tensor:
-        delta = torch.zeros(self.base_layer.weight.shape, dtype=torch.float32, device=self.merged_A.device)
+        shape = (self.in_features, self.out_features) if self.is_conv1d else (self.out_features, self.in_features)
+        delta = torch.zeros(shape, dtype=torch.float32, device=self.merged_A.device)
         if merged and self.rank:
             delta += self._delta_in_weight_layout(self.merged_B, self.merged_A)
         if live and self.active:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import AromaConfig
-from .layer import SUPPORTED_BASE_LAYERS, AromaLinear
+from .layer import SUPPORTED_BASE_LAYERS, AromaLinear, unsupported_base_layer
 
 
 def _matches(name: str, spec) -> bool:
@@ -20,24 +22,39 @@ def _matches(name: str, spec) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
-def _output_embedding_names(model: nn.Module) -> set[str]:
+SEQ_CLS_HEAD_NAMES = ("classifier", "score")  # PEFT's names for a classification head (SEQ_CLS_HEAD_NAMES)
+
+
+def output_head_names(model: nn.Module) -> list[str]:
+    """The output heads ``"all-linear"`` leaves out, PEFT's way: a language model's output
+    embeddings (``lm_head``); otherwise a classifier's head (``classifier`` or ``score``, whole) and
+    the pooler feeding it (unlike PEFT, which adapts the pooler: see docs/algorithm.md)."""
     get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return {n for n, m in model.named_modules() if head is not None and m is head}
+    lm_head = get() if callable(get) else None
+    if lm_head is not None:
+        return [n for n, m in model.named_modules() if m is lm_head][:1]
+    heads = [getattr(model, name) for name in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+    if not heads:
+        return []
+    names = [n for n, m in model.named_modules() if m is heads[0]][:1]
+    return names + [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == "pooler"]
+
+
+def _inside(name: str, parents: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in parents)
 
 
 def find_target_modules(model: nn.Module, config: AromaConfig) -> list[str]:
     """Names of the modules ``config`` adapts, in model order; a clear error if none or a bad type."""
     saved = [n for n, _ in model.named_modules() if n and _matches(n, config.modules_to_save)]
-    inside_saved = lambda n: any(n == s or n.startswith(s + ".") for s in saved)  # noqa: E731
     linear_names = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_BASE_LAYERS)]
     if config.target_modules == "all-linear":
-        heads = _output_embedding_names(model)
-        names = [n for n in linear_names if n not in heads]
+        heads = output_head_names(model)
+        names = [n for n in linear_names if not _inside(n, heads)]
     else:
         names = [n for n, _ in model.named_modules() if n and _matches(n, config.target_modules)]
     excluded = config.exclude_modules
-    names = [n for n in names if not inside_saved(n) and not (excluded and _matches(n, excluded))]
+    names = [n for n in names if not _inside(n, saved) and not (excluded and _matches(n, excluded))]
     if not names:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
         raise ValueError(
@@ -45,10 +62,9 @@ def find_target_modules(model: nn.Module, config: AromaConfig) -> list[str]:
             f"Linear modules here are named with the suffixes {suffixes}; for example {linear_names[:8]}")
     modules = dict(model.named_modules())
     for n in names:
-        if not isinstance(modules[n], SUPPORTED_BASE_LAYERS):
-            raise ValueError(
-                f"AromaConfig.target_modules={config.target_modules!r} matches {n!r}, a "
-                f"{type(modules[n]).__name__}; AROMA adapts nn.Linear and transformers Conv1D only")
+        why = unsupported_base_layer(modules[n])
+        if why is not None:
+            raise ValueError(f"AromaConfig.target_modules={config.target_modules!r} matches {n!r}, {why}")
     return names
 
 
@@ -72,11 +88,19 @@ class AromaModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: AromaConfig):
+        wrapped = [n for n, m in model.named_modules() if isinstance(m, AromaLinear)]
+        if wrapped:
+            raise ValueError(
+                f"{type(model).__name__} already has {len(wrapped)} AROMA layers ({', '.join(wrapped[:3])}"
+                f"{', ...' if len(wrapped) > 3 else ''}): it was wrapped by get_aroma_model before. Wrap the "
+                "original model once; to change the targets, start again from the unwrapped model (unload())")
         super().__init__()
         self.base_model = model
         self.aroma_config = config
         targets = find_target_modules(model, config)
         self.modules_to_save_names = _find_modules_to_save(model, config)
+        # unload() gives these back; kept on the CPU, out of the state dict (PEFT keeps the original too).
+        self._original_heads = {k: v.detach().to("cpu", copy=True) for k, v in self.modules_to_save_state().items()}
         for p in model.parameters():
             p.requires_grad_(False)
         for i, name in enumerate(targets):
@@ -84,6 +108,14 @@ class AromaModel(nn.Module):
         for name in self.modules_to_save_names:
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)
+        if getattr(model, "is_gradient_checkpointing", False):
+            self._let_gradients_through_checkpoints()
+        # Until an AromaController with an optimizer drives the model, any optimizer holding its
+        # live factors may take one step, not two (see _watch_optimizers).
+        self.controlled = False
+        self._factor_ids = {id(p) for layer in self.aroma_layers.values() for p in (layer.lora_A, layer.lora_B)}
+        self._steps_without_controller = 0
+        _watch_optimizers(self)
         # Calls go straight to the wrapped model's forward, whose signature callers such as the HF
         # Trainer inspect (to choose dataset columns).
         self.forward = model.forward
@@ -93,6 +125,39 @@ class AromaModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ training guards
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise at the second step of an optimizer that trains the live factors with no controller.
+
+        The HF Trainer without ``AromaController`` and ``AromaCallback`` otherwise trains a rank-r
+        LoRA for the whole run: no check, no merge, no stop, no warning.
+        """
+        if self.controlled or not any(id(p) in self._factor_ids for g in optimizer.param_groups for p in g["params"]):
+            return
+        self._steps_without_controller += 1
+        if self._steps_without_controller >= 2:
+            raise RuntimeError(
+                f"AromaModel: the optimizer is taking step {self._steps_without_controller} of the live factors without "
+                "an AromaController, so no check, merge or stop of AROMA happens. Create controller = "
+                "AromaController(model, optimizer) and call controller.step() after every optimizer.step(); with the "
+                "Hugging Face Trainer pass optimizers=(optimizer, controller.attach_optimizer(optimizer)) and "
+                "callbacks=[AromaCallback(controller)]")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """The base model's activation checkpointing (the HF Trainer calls this), made to work for the factors.
+
+        transformers' default is reentrant checkpointing, which computes no gradient for a
+        checkpointed block whose inputs need none, and the frozen embeddings give none: the live
+        factors would get no gradient at all. So the embeddings' output is made to need one, as
+        PEFT does (``enable_input_require_grads``).
+        """
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self._let_gradients_through_checkpoints()
+
+    def _let_gradients_through_checkpoints(self) -> None:
+        if hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -156,16 +221,47 @@ class AromaModel(nn.Module):
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
         """Write W0 + s B A into every adapted linear and return the plain base model."""
+        quantized = [name for name, layer in self.aroma_layers.items() if layer.quantized]
+        if quantized:
+            raise ValueError(f"merge_and_unload: cannot merge into the 4-bit weight of {quantized[0]!r}"
+                             f"{f' (and {len(quantized) - 1} more)' if len(quantized) > 1 else ''}: quantizing "
+                             "W0 + s B A again would round the update away. Export the adapter (export_lora) and "
+                             "load it with PEFT on the 4-bit base, or load the base unquantized, then "
+                             "AromaModel.from_pretrained(base, adapter).merge_and_unload()")
         for name, layer in self.aroma_layers.items():
             _set_submodule(self.base_model, name, layer.merged_base_layer())
         return self.base_model
 
     @torch.no_grad()
     def unload(self) -> nn.Module:
-        """Return the base model with its original weights (folded components taken out)."""
+        """Return the base model with its original weights: folded components taken out, and the
+        ``modules_to_save`` heads as they were when the model was wrapped (``merge_and_unload``
+        keeps the trained heads)."""
         for name, layer in self.aroma_layers.items():
             _set_submodule(self.base_model, name, layer.original_base_layer())
+        for key, param in self.modules_to_save_state().items():
+            param.copy_(self._original_heads[key])
         return self.base_model
+
+
+_uncontrolled: "weakref.WeakSet[AromaModel]" = weakref.WeakSet()
+_optimizer_hook = None
+
+
+def _before_any_optimizer_step(optimizer, args, kwargs) -> None:
+    for model in list(_uncontrolled):
+        if model.controlled:
+            _uncontrolled.discard(model)
+        else:
+            model._before_optimizer_step(optimizer)
+
+
+def _watch_optimizers(model: AromaModel) -> None:
+    """Look at every optimizer step (a global hook, registered once) until ``model`` is controlled."""
+    global _optimizer_hook
+    if _optimizer_hook is None:
+        _optimizer_hook = register_optimizer_step_pre_hook(_before_any_optimizer_step)
+    _uncontrolled.add(model)
 
 
 def get_aroma_model(model: nn.Module, config: AromaConfig) -> AromaModel:

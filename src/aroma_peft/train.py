@@ -9,14 +9,18 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .analysis import effective_rank
+from .config import CONVERGED_COMPONENT, OUTER_CRITERIA, RESET_MODES
 from .faults import NonFiniteGuard
-from .io import load_adapter_into, load_controller_state, load_training_state, save_training_state, write_json
+from .io import (TRAINING_STATE, atomic_write, fsync_dir, load_adapter_into, load_controller_state,
+                 load_training_state, read_json, save_training_state, sha256_file, write_json)
+from .layer import derived_seed
 from .methods import METHODS, MethodOptions, MethodRun, prepare
 from .report import trainable_mean, write_report
 from .tasks.glue import TASKS, Example, find_split_files, load_glue_hub, read_split
@@ -56,41 +60,107 @@ class TrainOptions:
         return dataclasses.asdict(self)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What each numeric or named option allows: (description, test). None is allowed where the field's
+# default is None (the option left out).
+_POSITIVE_INT = ("a positive integer", lambda v: _is_int(v) and v > 0)
+_NONNEG_INT = ("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+_POSITIVE = ("a finite number > 0", lambda v: _is_number(v) and v > 0)
+_NONNEG = ("a finite number >= 0", lambda v: _is_number(v) and v >= 0)
+OPTION_RULES = {
+    "lr": _POSITIVE, "batch_size": _POSITIVE_INT, "eval_batch_size": _POSITIVE_INT, "max_seq_len": _POSITIVE_INT,
+    "epochs": _POSITIVE, "max_steps": _POSITIVE_INT, "warmup_steps": _NONNEG_INT, "weight_decay": _NONNEG,
+    "eval_steps": _POSITIVE_INT, "save_steps": _POSITIVE_INT, "max_nonfinite_steps": _NONNEG_INT,
+    "seed": _NONNEG_INT, "train_limit": _POSITIVE_INT, "train_limit_seed": _NONNEG_INT, "eval_limit": _POSITIVE_INT,
+    # method options
+    "r": _POSITIVE_INT, "alpha": _POSITIVE, "dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "eps_in": _POSITIVE, "eps_out": _POSITIVE, "check_interval": _POSITIVE_INT, "max_inner_steps": _POSITIVE_INT,
+    "restart_warmup_steps": _NONNEG_INT, "init_r": _POSITIVE_INT, "tinit": _NONNEG_INT, "tfinal": _NONNEG_INT,
+    "delta_t": _POSITIVE_INT, "orth_reg_weight": _NONNEG,
+    "reset": (f"one of {RESET_MODES}", lambda v: v in RESET_MODES),
+    "outer_criterion": (f"one of {OUTER_CRITERIA}", lambda v: v in OUTER_CRITERIA),
+    "converged_component": (f"one of {CONVERGED_COMPONENT}", lambda v: v in CONVERGED_COMPONENT),
+}
+_NONE_ALLOWED = {"epochs", "max_steps", "save_steps", "train_limit", "train_limit_seed", "eval_limit", "eps_in",
+                 "eps_out"}
+
+
+def validate_option(name: str, value) -> None:
+    """Check one option's value; the message names the command-line flag, the value and what is allowed."""
+    if name not in OPTION_RULES or (value is None and name in _NONE_ALLOWED):
+        return
+    allowed, ok = OPTION_RULES[name]
+    if not ok(value):
+        raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {value!r}")
+
+
 def validate(opts: TrainOptions) -> None:
-    """Check options that need no file access; a bad value names the option."""
+    """Check every option before any file is read or any compute is spent; a bad value names the option."""
     if opts.task not in TASKS:
         raise ValueError(f"--task {opts.task!r} is unknown: expected one of {', '.join(TASKS)}")
     if opts.method not in METHODS:
         raise ValueError(f"--method {opts.method!r} is unknown: expected one of {', '.join(METHODS)}")
-    for name in ("lr",):
-        if not (isinstance(getattr(opts, name), (int, float)) and getattr(opts, name) > 0):
-            raise ValueError(f"--{name} must be > 0, got {getattr(opts, name)!r}")
-    for name in ("batch_size", "eval_batch_size", "max_seq_len", "eval_steps"):
-        if getattr(opts, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(opts, name)!r}")
-    if opts.save_steps is not None and (isinstance(opts.save_steps, bool) or not isinstance(opts.save_steps, int)
-                                        or opts.save_steps <= 0):
-        raise ValueError(f"--save-steps must be a positive integer, got {opts.save_steps!r}")
-    if isinstance(opts.max_nonfinite_steps, bool) or not isinstance(opts.max_nonfinite_steps, int) \
-            or opts.max_nonfinite_steps < 0:
-        raise ValueError(f"--max-nonfinite-steps must be an integer >= 0, got {opts.max_nonfinite_steps!r}")
+    for name, value in dataclasses.asdict(opts).items():
+        validate_option(name, value)
+    for name, value in dataclasses.asdict(opts.method_options).items():
+        validate_option(name, value)
     if opts.resume and opts.method not in ("aroma", "relora"):
         raise ValueError(f"--resume is supported for the aroma and relora methods, not {opts.method!r}")
     if (opts.epochs is None) == (opts.max_steps is None):
         raise ValueError("give exactly one of --epochs and --max-steps (a preset may set one)")
+    mopts = opts.method_options
+    if opts.method in ("aroma", "relora") and mopts.max_inner_steps < mopts.check_interval:
+        raise ValueError(f"--max-inner-steps {mopts.max_inner_steps} must be at least --check-interval "
+                         f"{mopts.check_interval}, or no inner check could ever run")
+    world = _world_size()
+    if opts.batch_size < world:
+        raise ValueError(f"--batch-size {opts.batch_size} is the global batch: it needs at least one example for "
+                         f"each of the {world} processes")
+
+
+def check_model_folder(path: str) -> None:
+    """A local ``--model`` folder holds a config, a tokenizer and readable weights (cheap: headers only).
+
+    A path that does not exist is an error unless it reads as a hub id (``name`` or ``org/name``).
+    """
+    local = Path(path)
+    if not local.exists():
+        looks_like_path = local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 \
+            or os.sep != "/" and os.sep in path
+        if looks_like_path or not path.strip():
+            raise FileNotFoundError(f"--model {path}: no such folder (expected a local model folder with "
+                                    "config.json, a tokenizer and the weights, or a hub id such as roberta-base)")
+        return
+    if not local.is_dir():
+        raise FileNotFoundError(f"--model {path}: not a folder (expected a model folder with config.json)")
+    if not (local / "config.json").is_file():
+        raise FileNotFoundError(f"--model {path}: no config.json in this folder")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+    if not any((local / f).is_file() for f in tokenizer_files):
+        raise FileNotFoundError(f"--model {path}: no tokenizer in this folder (looked for {', '.join(tokenizer_files)})")
+    from safetensors import SafetensorError, safe_open
+
+    for weights in sorted(local.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass  # opening checks the header against the file's size
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"--model {path}: {weights} is not a readable safetensors file (truncated or "
+                             f"corrupted?): {err}") from None
 
 
 def load_model_and_tokenizer(path: str, num_labels: int):
     """A sequence classifier and its tokenizer from a local folder (or a hub id when online)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    local = Path(path)
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"--model {path}: no config.json in this folder")
-        tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
-        if not any((local / f).is_file() for f in tokenizer_files):
-            raise FileNotFoundError(f"--model {path}: no tokenizer in this folder (looked for {', '.join(tokenizer_files)})")
+    check_model_folder(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
@@ -187,16 +257,17 @@ class _NoWriter:
         pass
 
 
-def _init_distributed(opts: TrainOptions) -> tuple[int, int, bool]:
+def _world_size() -> int:
+    """The number of processes: torchrun's WORLD_SIZE, 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _init_distributed() -> tuple[int, int, bool]:
     """(rank, world size, whether this call created the process group) under torchrun; (0, 1, False) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if _world_size() == 1:
         return 0, 1, False
     import torch.distributed as dist
 
-    if opts.batch_size < world:
-        raise ValueError(f"--batch-size {opts.batch_size} is the global batch: it needs at least one example for "
-                         f"each of the {world} processes")
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group("gloo")  # the training loop runs on CPU
@@ -213,9 +284,11 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
 
     ``splits`` (train and the task's eval splits) replaces reading ``opts.data_dir``.
     """
+    # Everything that can fail on bad input fails here, before the model is loaded and before the
+    # run directory is touched: the options, the model folder, the data, a checkpoint to resume.
     validate(opts)
+    check_model_folder(opts.model)
     spec = TASKS[opts.task]
-    # Everything that can fail on bad input fails here, before any compute is spent.
     if splits is not None:
         pass
     elif opts.data_dir is None:
@@ -226,22 +299,27 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
     train_examples = splits["train"]
     eval_splits = {s: splits[s] for s in spec.eval_splits}
     if opts.train_limit:
-        subset_seed = opts.seed if opts.train_limit_seed is None else opts.train_limit_seed
-        train_examples = random.Random(subset_seed).sample(train_examples, min(opts.train_limit, len(train_examples)))
+        train_examples = random.Random(_subset_seed(opts)).sample(train_examples,
+                                                                  min(opts.train_limit, len(train_examples)))
     if opts.eval_limit:
         eval_splits = {s: ex[:opts.eval_limit] for s, ex in eval_splits.items()}
+    steps_per_epoch = math.ceil(len(train_examples) / opts.batch_size)
+    max_steps = opts.max_steps or max(1, round(opts.epochs * steps_per_epoch))
+    warmup = min(opts.warmup_steps, max_steps - 1)
+    out = Path(opts.out or f"runs/{opts.task}-{opts.method}-{Path(opts.model).name}")
+    definition = run_definition(opts, len(train_examples), max_steps, warmup, _world_size())
+    checkpoint = _find_checkpoint(out) if opts.resume else None
+    if checkpoint is not None:
+        check_resumable(checkpoint, definition)
+
     _seed_everything(opts.seed)
     base, tokenizer = load_model_and_tokenizer(opts.model, spec.num_labels)
     mopts = opts.method_options
     if not mopts.modules_to_save:
         mopts = dataclasses.replace(mopts, modules_to_save=classifier_head_names(base))
-
-    steps_per_epoch = math.ceil(len(train_examples) / opts.batch_size)
-    max_steps = opts.max_steps or max(1, round(opts.epochs * steps_per_epoch))
-    warmup = min(opts.warmup_steps, max_steps - 1)
     method_run = prepare(opts.method, base, mopts, max_steps=max_steps, warmup_steps=warmup, seed=opts.seed)
     model = method_run.model
-    rank, world, owns_group = _init_distributed(opts)
+    rank, world, owns_group = _init_distributed()
     main = rank == 0  # only the first process writes the run directory
     # Under torchrun: DDP, each process a slice of every (global) batch; every process runs its own
     # controller and takes the same decisions (docs/distributed.md). A frozen module's factors stop
@@ -256,9 +334,12 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
         no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
             DistributedDataParallel).parameters else "broadcast_buffers"
         train_model = DistributedDataParallel(model, find_unused_parameters=True, **{no_sync: False})
+        # Dropout draws from torch's global generator. Seeded alike, every process would draw the same
+        # masks for its slice; each process other than the first gets a stream of its own (the first
+        # keeps a one-process run's). AROMA's own draws (Reinit, Reset masks) use derived seeds: alike.
+        if rank > 0:
+            torch.manual_seed(derived_seed(opts.seed, rank))
 
-    out = Path(opts.out or f"runs/{opts.task}-{opts.method}-{Path(opts.model).name}")
-    writer = RunWriter(out) if main else _NoWriter()
     resolved = opts.to_dict() | {"method_options": dataclasses.asdict(mopts), "resolved_max_steps": max_steps,
                                  "resolved_warmup_steps": warmup, "train_examples": len(train_examples),
                                  "eval_examples": {s: len(e) for s, e in eval_splits.items()}, "processes": world}
@@ -279,17 +360,18 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
     guard = NonFiniteGuard(opts.max_nonfinite_steps)
     step, finished, order, position, last_eval = 0, False, [], 0, None
     loss_since_eval = [0.0, 0]  # sum and count of the training losses since the previous evaluation
-    checkpoint = _find_checkpoint(out) if opts.resume else None
     if checkpoint is not None:
         step, order, position, last_eval, loss_since_eval = _resume(checkpoint, method_run, optimizer, scheduler,
-                                                                    gen, guard)
+                                                                    gen, guard, rank)
         finished = method_run.controller.finished
         history.update(step)
-        if main:
-            _drop_metrics_after(out / "metrics.jsonl", step)
+    # The run directory is touched only now: a failed resume leaves it as it was.
+    writer = RunWriter(out) if main else _NoWriter()
+    if main and checkpoint is not None:
+        _drop_metrics_after(out / "metrics.jsonl", step)
     elif main:
         (out / "metrics.jsonl").write_text("")
-    if main:  # after the checkpoint loaded: a failed resume leaves the run directory as it was
+    if main:
         write_json(out / "config.json", resolved)
     save_steps = opts.save_steps or opts.eval_steps
     losses, step_times = [], []
@@ -302,12 +384,12 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
         t0 = time.perf_counter()
         rows = [train_rows[i] for i in order[position:position + opts.batch_size]]
         position += opts.batch_size
-        if len(rows) < world:  # an epoch's last, short batch cannot give every process an example
-            continue
         mine = rows[rank::world]
         # Every slice padded like the whole batch: the same computation per example as one process.
         length = max(len(r["input_ids"]) for r in rows) if world > 1 else None
-        loss = train_model(**collate(tokenizer, mine, regression, length)).loss
+        # An epoch's last batch may have fewer rows than processes: a process left without one runs a
+        # stand-in row with weight 0, so every process takes the step that one process takes.
+        loss = train_model(**collate(tokenizer, mine or rows[:1], regression, length)).loss
         # DDP averages gradients over processes: weigh each slice by its share of the global batch.
         (loss * (len(mine) * world / len(rows)) if world > 1 else loss).backward()
         if guard.check(method_run.parameters, loss, step=step + 1):  # NaN/inf: no step, no AROMA decision
@@ -343,10 +425,12 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
             writer.scalar("train/total_rank", history.total_rank, step)
             if main:
                 history.write(out / "rank_history.json")
-        if step % save_steps == 0 and not done and main:
-            _save_checkpoint(out, method_run, optimizer, scheduler, gen, guard,
-                             {"step": step, "order": order, "position": position, "last_eval": last_eval,
-                              "loss_since_eval": loss_since_eval})
+        if step % save_steps == 0 and not done:
+            torch_rng = _torch_rng_states(world)  # a collective: every process takes part
+            if main:
+                _save_checkpoint(out, method_run, optimizer, scheduler, gen, guard, torch_rng,
+                                 {"step": step, "order": order, "position": position, "last_eval": last_eval,
+                                  "loss_since_eval": loss_since_eval, "run": definition})
     progress.close()
     wall = time.perf_counter() - started
 
@@ -354,15 +438,7 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    if not main:
-        return {"steps": step, "metrics": last_eval, "nonfinite_steps_skipped": guard.skipped}
-    method_run.save(out)
-    history.write(out / "rank_history.json")
-    ranks = method_run.module_ranks()
-    updates = method_run.module_updates()
-    write_json(out / "ranks.json", {"modules": [
-        {"module": n, "rank": int(ranks.get(n, 0)), "effective_rank": effective_rank(updates[n]) if ranks.get(n) else 0.0}
-        for n in updates]})
+    # Every process returns the same summary (its replica is the same); only the first writes files.
     final = {
         "task": opts.task, "method": opts.method, "model": opts.model, "main_metric": _main_key(opts.task, metric_name),
         "metrics": last_eval, "majority_baseline": baseline,
@@ -370,6 +446,15 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
         "stopped_early": step < max_steps, "nonfinite_steps_skipped": guard.skipped, "wall_time_s": wall,
         "mean_step_time_s": sum(step_times) / max(1, len(step_times)),
     }
+    if not main:
+        return final
+    method_run.save(out)
+    history.write(out / "rank_history.json")
+    ranks = method_run.module_ranks()
+    updates = method_run.module_updates()
+    write_json(out / "ranks.json", {"modules": [
+        {"module": n, "rank": int(ranks.get(n, 0)), "effective_rank": effective_rank(updates[n]) if ranks.get(n) else 0.0}
+        for n in updates]})
     write_json(out / "final_metrics.json", final)
     writer.close()
     write_report(out)
@@ -380,22 +465,91 @@ def run(opts: TrainOptions, splits: dict[str, list[Example]] | None = None) -> d
 CHECKPOINT = "checkpoint"
 
 
+def _torch_rng_states(world: int) -> list[torch.Tensor]:
+    """The torch generator state of every process (dropout streams differ between processes)."""
+    state = torch.get_rng_state()
+    if world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states = [torch.empty_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    return states
+
+
+def _torch_rng_key(rank: int) -> str:
+    return "torch_rng" if rank == 0 else f"torch_rng.rank{rank}"
+
+
 def _save_checkpoint(out: Path, method_run: MethodRun, optimizer, scheduler, gen: torch.Generator,
-                     guard: NonFiniteGuard, position: dict) -> None:
+                     guard: NonFiniteGuard, torch_rng: list[torch.Tensor], position: dict) -> None:
     """Write OUT/checkpoint: the adapter and controller, the optimizer, the schedule, the data
-    position and every RNG state. It is written beside the previous one and swapped in by renames,
-    so a process killed at any moment leaves a complete checkpoint (the new or the previous one)."""
+    position and every RNG state (torch's of every process). It is written beside the previous one
+    and swapped in by renames, so a process killed at any moment leaves a complete checkpoint (the
+    new or the previous one)."""
     tmp, old, final = out / f".{CHECKPOINT}.tmp", out / f".{CHECKPOINT}.old", out / CHECKPOINT
     shutil.rmtree(tmp, ignore_errors=True)
     method_run.save(tmp)
     extra = position | {"python_random": _jsonable(random.getstate()), "nonfinite": guard.state_dict()}
-    save_training_state(tmp, optimizer, scheduler, extra=extra,
-                        tensors={"torch_rng": torch.get_rng_state(), "data_rng": gen.get_state()})
+    rng = {_torch_rng_key(r): state for r, state in enumerate(torch_rng)}
+    save_training_state(tmp, optimizer, scheduler, extra=extra, tensors=rng | {"data_rng": gen.get_state()})
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(out)  # the renames reach the disk before the previous checkpoint is deleted
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _subset_seed(opts: TrainOptions) -> int:
+    return opts.seed if opts.train_limit_seed is None else opts.train_limit_seed
+
+
+def run_definition(opts: TrainOptions, train_examples: int, max_steps: int, warmup: int, world: int) -> dict:
+    """What a checkpoint was made with, and a resume must repeat (docs/run_directory.md): every option
+    that changes the steps taken. Left out, free to change on resume: eval_steps, save_steps,
+    eval_batch_size, max_nonfinite_steps, progress."""
+    model = Path(opts.model)
+    local = model.exists()
+    definition = {
+        "task": opts.task, "method": opts.method,
+        "model": str(model.resolve()) if local else opts.model,
+        "model_config_sha256": sha256_file(model / "config.json") if local and (model / "config.json").is_file() else None,
+        "data_dir": str(Path(opts.data_dir).resolve()) if opts.data_dir else None,
+        "train_limit": opts.train_limit, "train_limit_seed": _subset_seed(opts) if opts.train_limit else None,
+        "train_examples": train_examples, "eval_limit": opts.eval_limit, "max_seq_len": opts.max_seq_len,
+        "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay, "max_steps": max_steps,
+        "warmup_steps": warmup, "seed": opts.seed, "processes": world,
+        "method_options": dataclasses.asdict(opts.method_options),
+    }
+    return json.loads(json.dumps(definition))  # as it reads back from the checkpoint (lists, not tuples)
+
+
+_DEFINITION_LABELS = {
+    "model_config_sha256": "the model's config.json (sha256)", "train_examples": "the number of training examples",
+    "max_steps": "--max-steps (resolved)", "warmup_steps": "--warmup-steps (resolved)",
+    "processes": "the number of processes", "data_dir": "--data-dir",
+}
+
+
+def check_resumable(checkpoint: Path, definition: dict) -> None:
+    """Refuse a resume whose options differ from those the checkpoint was made with, naming each one."""
+    recorded = read_json(checkpoint / TRAINING_STATE).get("extra", {}).get("run")
+    if recorded is None:
+        warnings.warn(f"{checkpoint}: the checkpoint records no options (written by an older version); "
+                      "the resume cannot check that it repeats them", RuntimeWarning, stacklevel=2)
+        return
+    then, now = _flat(recorded), _flat(definition)
+    differences = [f"{_DEFINITION_LABELS.get(k, '--' + k.replace('_', '-'))}: {then.get(k)!r} in the checkpoint, "
+                   f"{now.get(k)!r} now" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    if differences:
+        raise ValueError(f"--resume: the checkpoint in {checkpoint.parent} was made with other options; "
+                         f"resume with the same ones, or start a new run in another --out. Differences: "
+                         + "; ".join(differences))
+
+
+def _flat(definition: dict) -> dict:
+    return {k: v for k, v in definition.items() if k != "method_options"} | definition.get("method_options", {})
 
 
 def _find_checkpoint(out: Path) -> Path | None:
@@ -407,14 +561,14 @@ def _find_checkpoint(out: Path) -> Path | None:
 
 
 def _resume(checkpoint: Path, method_run: MethodRun, optimizer, scheduler, gen: torch.Generator,
-            guard: NonFiniteGuard) -> tuple[int, list, int, dict | None, list]:
+            guard: NonFiniteGuard, rank: int) -> tuple[int, list, int, dict | None, list]:
     """Load a checkpoint into the freshly prepared run; returns (step, epoch order, position, last eval,
     [sum, count] of the training losses since that evaluation)."""
     load_adapter_into(method_run.model, checkpoint / "adapter")
     extra, tensors = load_training_state(checkpoint, optimizer, scheduler)
     method_run.controller.load_state_dict(load_controller_state(checkpoint / "adapter"))
     random.setstate(_python_random_state(extra["python_random"]))
-    torch.set_rng_state(tensors["torch_rng"])
+    torch.set_rng_state(tensors[_torch_rng_key(rank)])
     gen.set_state(tensors["data_rng"])
     guard.load_state_dict(extra["nonfinite"])
     return (int(extra["step"]), list(extra["order"]), int(extra["position"]), extra["last_eval"],
@@ -422,10 +576,11 @@ def _resume(checkpoint: Path, method_run: MethodRun, optimizer, scheduler, gen: 
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
-    """Evaluations logged after the checkpoint will be logged again by the resumed run."""
+    """Evaluations logged after the checkpoint will be logged again by the resumed run. Rewritten
+    beside the file and renamed over it: a kill at any moment leaves the whole history."""
     lines = path.read_text().splitlines() if path.is_file() else []
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
 
 
 def _jsonable(state):

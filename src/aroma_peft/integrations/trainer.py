@@ -22,6 +22,7 @@ class AromaCallback(TrainerCallback, ExportableState):
     The Trainer steps the ``AromaLRSchedule`` passed in ``optimizers=``; the controller restarts
     its warmup at merges. If the Trainer created the optimizer itself, the callback attaches it
     at the start of training (the schedule must then be the controller's: pass it in ``optimizers``).
+    The Trainer's ``max_steps`` must be the controller's T (checked at the start of training).
 
     Non-finite gradients: before every optimizer step the gradients are checked; a step with a NaN
     or inf gradient is skipped (gradients cleared, so the optimizer moves nothing; the schedule and
@@ -42,6 +43,12 @@ class AromaCallback(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": {"controller_state": self.controller.state_dict()}}
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if state.max_steps != self.controller.max_steps:
+            raise ValueError(
+                f"AromaCallback: the Trainer runs {state.max_steps} optimizer steps (TrainingArguments.max_steps, or "
+                f"the epochs it was given) but the controller's T = max_steps = {self.controller.max_steps}: the "
+                "learning rate would not decay to 0 at the end and the dual loop would not finish. Give both the same "
+                f"number: TrainingArguments(max_steps={self.controller.max_steps}) or AromaConfig(max_steps={state.max_steps})")
         if self.controller.optimizer is None:
             if optimizer is None:
                 raise ValueError("AromaCallback: the Trainer has no optimizer to attach to the controller")
