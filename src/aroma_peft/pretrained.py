@@ -46,7 +46,9 @@ def check_model_kind(path: str, head: int | str, family: str) -> None:
     """
     if isinstance(head, int) or not Path(path).is_dir():
         return
-    from transformers import AutoConfig, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
 
     config = AutoConfig.from_pretrained(path)
     names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if head == CAUSAL_LM else MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES

@@ -192,6 +192,8 @@ def run(opts: TrainOptions, splits: dict[str, list] | None = None) -> dict:
     mopts = opts.method_options
     if not mopts.modules_to_save:
         mopts = dataclasses.replace(mopts, modules_to_save=family.modules_to_save(base))
+    if mopts.target_modules is None:
+        mopts = dataclasses.replace(mopts, target_modules=family.target_modules(base))
     method_run = prepare(opts.method, base, mopts, max_steps=max_steps, warmup_steps=warmup, seed=opts.seed)
     model = method_run.model
     # Under a launcher: DDP, each process a slice of every (global) batch; every process runs its own

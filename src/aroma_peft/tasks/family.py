@@ -24,6 +24,9 @@ class TaskFamily(Protocol):
     def read(self, opts, splits: dict | None = None) -> tuple[list, dict[str, list]]:
         """(training examples, {eval split: examples}); every row checked, errors name the file and row."""
 
+    def target_modules(self, model) -> list[str] | None:
+        """The family's default target modules (None: every linear of the transformer blocks)."""
+
     def modules_to_save(self, model) -> list[str]:
         """Modules trained in full by every method (a classifier head; none for an LM)."""
 

@@ -41,6 +41,9 @@ class GlueFamily:
                 splits = {s: read_split(self.task, files[s]) for s in ("train",) + self.spec.eval_splits}
         return splits["train"], {s: splits[s] for s in self.spec.eval_splits}
 
+    def target_modules(self, model) -> None:
+        return None  # methods.default_target_modules: every linear of the blocks (Table 15)
+
     def modules_to_save(self, model) -> list[str]:
         return classifier_head_names(model)
 
