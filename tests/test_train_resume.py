@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from test_cli import model_dir, mrpc_dir  # noqa: F401  (fixtures: a tiny BERT with tokenizer, MRPC files)
 
+from aroma_peft import rundir as R
 from aroma_peft import train as T
 from aroma_peft.methods import MethodOptions
 
@@ -30,14 +31,14 @@ prepare = T.prepare
 
 def prepare_and_hang(*args, **kwargs):
     run = prepare(*args, **kwargs)
-    after_step = run.after_step
-    def hang_at_kill_step(step):
-        finished = after_step(step)
-        if step == kill_at:  # the parent kills us here, after this step's controller decisions
-            marker.write_text(str(step))
+    controller_step = run.controller.step
+    def hang_at_kill_step():
+        finished = controller_step()
+        if run.controller.loop.step_count == kill_at:  # the parent kills us here, after this step's decisions
+            marker.write_text(str(kill_at))
             time.sleep(600)
         return finished
-    run.after_step = hang_at_kill_step
+    run.controller.step = hang_at_kill_step
     return run
 
 T.prepare = prepare_and_hang
@@ -244,7 +245,7 @@ def test_resuming_rewrites_metrics_jsonl_by_a_rename_not_in_place(tmp_path, monk
     synced = []
     fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd)))
-    T._drop_metrics_after(path, 10)
+    R.drop_metrics_after(path, 10)
     assert path.read_text() == lines[0]  # the evaluation after step 10 is dropped
     assert (tmp_path / "as-it-was").read_text() == "".join(lines)  # never truncated: a kill keeps the history
     assert len(synced) >= 2  # the new file, then the folder's rename
@@ -253,9 +254,9 @@ def test_resuming_rewrites_metrics_jsonl_by_a_rename_not_in_place(tmp_path, monk
 def test_checkpoint_renames_are_flushed_before_the_previous_checkpoint_goes(model_dir, mrpc_dir, tmp_path,
                                                                            monkeypatch):
     events = []
-    fsync_dir, rmtree = T.fsync_dir, T.shutil.rmtree
-    monkeypatch.setattr(T, "fsync_dir", lambda d: (events.append(("fsync", Path(d).name)), fsync_dir(d)))
-    monkeypatch.setattr(T.shutil, "rmtree", lambda d, **kw: (events.append(("rmtree", Path(d).name)), rmtree(d, **kw)))
+    fsync_dir, rmtree = R.fsync_dir, R.shutil.rmtree
+    monkeypatch.setattr(R, "fsync_dir", lambda d: (events.append(("fsync", Path(d).name)), fsync_dir(d)))
+    monkeypatch.setattr(R.shutil, "rmtree", lambda d, **kw: (events.append(("rmtree", Path(d).name)), rmtree(d, **kw)))
     T.run(options(model_dir, mrpc_dir, tmp_path / "run", max_steps=11, warmup_steps=1))  # checkpoints at 5, 10
     second = events[events.index(("rmtree", ".checkpoint.tmp"), 1):]  # the second checkpoint's events
     # clear leftovers, write .checkpoint.tmp, rename checkpoint -> .old and .tmp -> checkpoint, flush the
@@ -272,7 +273,7 @@ def test_a_checkpoint_swap_cut_short_falls_back_to_the_previous_checkpoint(model
     os.replace(run_dir / "checkpoint", run_dir / ".checkpoint.old")
     (run_dir / ".checkpoint.tmp" / "adapter").mkdir(parents=True)
     (run_dir / ".checkpoint.tmp" / "adapter" / "aroma_adapter.safetensors").write_bytes(b"\x00" * 10)
-    assert T._find_checkpoint(run_dir) == run_dir / ".checkpoint.old"
+    assert R.find_checkpoint(run_dir) == run_dir / ".checkpoint.old"
     # The first training forward of the resumed run is poisoned and stops it: its step number tells
     # where the run resumed (6, after the checkpoint at step 5; 1 if it had started over).
     poison_the_loss(monkeypatch, {1})

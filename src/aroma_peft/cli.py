@@ -74,21 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(docs/run_directory.md). Options left out come from --preset, then from "
                                         "the built-in defaults.")
     glue.add_argument("--task", required=True, choices=TASKS, help="GLUE task")
-    glue.add_argument("--model", required=True, help="local model folder (with tokenizer) or hub id (online only)")
-    glue.add_argument("--method", default="aroma", choices=METHODS, help="fine-tuning method")
-    glue.add_argument("--preset", help="named hyperparameters: roberta-base (paper Table 15) or small-cpu")
-    glue.add_argument("--data-dir", help="folder with the task's files (GLUE layout); omitted: the hub's glue dataset")
-    glue.add_argument("--out", help="run directory (default runs/TASK-METHOD-MODEL)")
-    glue.add_argument("--target-modules", nargs="+", help="module-name suffixes to adapt (default: all linear layers)")
-    glue.add_argument("--modules-to-save", nargs="+", help="modules trained in full (default: the classifier head)")
-    glue.add_argument("--no-progress", action="store_true", help="no progress bar")
-    glue.add_argument("--resume", action="store_true",
-                      help="continue from the checkpoint in --out (AROMA, ReLoRA): the same inner loop, data order "
-                           "and random state")
-    for group, options in (("run", RUN_OPTIONS), ("method", METHOD_OPTIONS)):
-        g = glue.add_argument_group(f"{group} options (override the preset)")
-        for flag, typ, help_text in options:
-            g.add_argument(f"--{flag}", type=typ, default=None, help=help_text)
+    _add_run_arguments(glue, data_help="folder with the task's files (GLUE layout); omitted: the hub's glue dataset",
+                       modules_help="modules trained in full (default: the classifier head)")
+    common = bench.add_parser("commonsense", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              help="commonsense reasoning with a causal LM (paper 4.3, Table 3)",
+                              description="Instruction-tune a causal LM on LLM-Adapters-format files (loss on the "
+                                          "answer tokens only) and score the seven commonsense tasks (docs/tasks.md).")
+    _add_run_arguments(common, data_help="folder with <task>/train.json and <task>/test.json (LLM-Adapters layout)",
+                       modules_help="modules trained in full (default: none)")
+    common.add_argument("--train-file", help="one training file in the same format (a Commonsense170K file)")
+    common.add_argument("--train-tasks", nargs="+", help="datasets trained on (default: every one with a train.json)")
+    common.add_argument("--eval-tasks", nargs="+", help="datasets evaluated (default: the seven of Table 3)")
+    common.add_argument("--eval-mode", choices=("generate", "loglik"), default="generate",
+                        help="generate: greedy decoding and the LLM-Adapters answer extraction (the paper); "
+                             "loglik: the answer choice of highest log-likelihood (faster)")
+    common.add_argument("--max-new-tokens", type=int, default=None, help="generation length (generate mode)")
+    summ = bench.add_parser("summarization", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            help="abstractive summarization, ROUGE-1/2/L (paper 4.4, Table 4)",
+                            description="Fine-tune a seq2seq LM (BART, T5) or, with --decoder-only, a causal LM "
+                                        "through a prompt, on JSON-lines {document, summary} files (docs/tasks.md).")
+    _add_run_arguments(summ, data_help="folder with train.jsonl and test.jsonl, or one file split 80/20 in order",
+                       modules_help="modules trained in full (default: none)")
+    summ.add_argument("--decoder-only", action="store_true", help="a causal LM through a prompt instead of seq2seq")
+    summ.add_argument("--max-new-tokens", type=int, default=None, help="summary length at generation")
 
     demo = sub.add_parser("demo", help="offline demo: AROMA vs LoRA r=8 on a real model and real data")
     demo.add_argument("--out", default="runs/demo", help="where to write the two runs and the comparison")
@@ -108,6 +116,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_run_arguments(parser, data_help: str, modules_help: str) -> None:
+    """The arguments every task family shares: model, method, data, run directory, engine, options."""
+    parser.add_argument("--model", required=True, help="local model folder (with tokenizer) or hub id (online only)")
+    parser.add_argument("--method", default="aroma", choices=METHODS, help="fine-tuning method")
+    parser.add_argument("--preset", help="named hyperparameters (GLUE: roberta-base, paper Table 15, or small-cpu)")
+    parser.add_argument("--data-dir", help=data_help)
+    parser.add_argument("--out", help="run directory (default runs/TASK-METHOD-MODEL)")
+    parser.add_argument("--target-modules", nargs="+", help="module-name suffixes to adapt (default: all linear layers)")
+    parser.add_argument("--modules-to-save", nargs="+", help=modules_help)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint in --out (AROMA, ReLoRA): the same inner loop, data order "
+                             "and random state")
+    engine = parser.add_argument_group("engine (Accelerate)")
+    engine.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                        help="where to train (auto: cuda when there is one)")
+    precision = engine.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast; CPU too)")
+    precision.add_argument("--fp16", action="store_true", help="float16 mixed precision with loss scaling (CUDA)")
+    engine.add_argument("--grad-accum", type=int, default=None,
+                        help="split each --batch-size batch into this many parts, one optimizer step")
+    for group, options in (("run", RUN_OPTIONS), ("method", METHOD_OPTIONS)):
+        g = parser.add_argument_group(f"{group} options (override the preset)")
+        for flag, typ, help_text in options:
+            g.add_argument(f"--{flag}", type=typ, default=None, help=help_text)
+
+
 def train_options_from_args(args) -> "TrainOptions":
     """Built-in defaults < preset < command-line options."""
     from .presets import resolve_preset
@@ -115,12 +150,17 @@ def train_options_from_args(args) -> "TrainOptions":
 
     given = {_field(flag): getattr(args, _field(flag)) for flag, _, _ in RUN_OPTIONS + METHOD_OPTIONS
              if getattr(args, _field(flag)) is not None}
+    family = args.benchmark
+    task = args.task if family == "glue" else family
+    for name in ("grad_accum", "max_new_tokens"):
+        if getattr(args, name, None) is not None:
+            given[name] = getattr(args, name)
     for name, value in given.items():  # before the preset reads the model's config
         validate_option(name, value)
     values: dict = {}
     if args.preset:
         model_config = _model_config(args.model)
-        values.update(resolve_preset(args.preset, args.task, args.method, model_config))
+        values.update(resolve_preset(args.preset, task, args.method, model_config))
     values.update(given)
     if args.target_modules:
         values["target_modules"] = args.target_modules
@@ -135,7 +175,12 @@ def train_options_from_args(args) -> "TrainOptions":
     method_fields = {f.name for f in dataclasses.fields(MethodOptions)}
     method_values = {k: v for k, v in values.items() if k in method_fields}
     run_values = {k: v for k, v in values.items() if k not in method_fields}
-    return TrainOptions(task=args.task, model=args.model, method=args.method, preset=args.preset,
+    run_values |= {"family": family, "device": args.device,
+                   "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no"}
+    for name in ("train_file", "train_tasks", "eval_tasks", "eval_mode", "decoder_only"):
+        if getattr(args, name, None) is not None:
+            run_values[name] = getattr(args, name)
+    return TrainOptions(task=task, model=args.model, method=args.method, preset=args.preset,
                         data_dir=args.data_dir, out=args.out, progress=not args.no_progress, resume=args.resume,
                         method_options=MethodOptions(**method_values), **run_values)
 

@@ -179,6 +179,11 @@ class AromaLinear(nn.Module):
 
     # ---------------------------------------------------------------- state
     @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: models read ``.weight.dtype`` of their linears (T5's feed-forward does)."""
+        return self.base_layer.weight
+
+    @property
     def fold_merged(self) -> bool:
         """Whether the merged components are folded into the base weight: exactly when it is fp32."""
         return self.base_layer.weight.dtype == torch.float32

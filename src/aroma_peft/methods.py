@@ -70,7 +70,9 @@ class MethodRun:
     model: nn.Module
     parameters: list[nn.Parameter]
     make_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
-    after_step: Callable[[int], bool]  # called after optimizer.step() and scheduler.step(); True: finished
+    # A method's own work after optimizer.step() and scheduler.step(), given the step number (AdaLoRA's
+    # budget allocation). AROMA's is controller.step(), which the training loop calls itself.
+    after_step: Callable[[int], None] | None
     module_ranks: Callable[[], dict[str, int]]
     module_updates: Callable[[], dict[str, torch.Tensor]]  # the final s*B*A (or delta) of each adapted module
     save: Callable[[Path], None]
@@ -153,7 +155,7 @@ def _prepare_aroma(method, base, opts, max_steps, warmup_steps, seed) -> MethodR
 
     return MethodRun(
         method=method, model=model, parameters=model.adapter_parameters(), make_scheduler=make_scheduler,
-        after_step=lambda step: controller.step(), module_ranks=model.ranks,
+        after_step=None, module_ranks=model.ranks,
         module_updates=lambda: {n: layer.delta_weight() for n, layer in model.aroma_layers.items()},
         save=save, controller=controller)
 
@@ -193,14 +195,13 @@ def _prepare_peft(method, base, opts, max_steps, warmup_steps) -> MethodRun:
         others = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
         return lora + others
 
-    def after_step(step: int) -> bool:
-        if method == "adalora":
-            inner.update_and_allocate(step)  # needs this step's gradients: before zero_grad
-        return False
+    def after_step(step: int) -> None:
+        inner.update_and_allocate(step)  # needs this step's gradients: before zero_grad
 
     return MethodRun(
         method=method, model=model, parameters=[p for p in model.parameters() if p.requires_grad],
-        make_scheduler=lambda opt: decay_schedule(opt, max_steps, warmup_steps, opts), after_step=after_step,
+        make_scheduler=lambda opt: decay_schedule(opt, max_steps, warmup_steps, opts),
+        after_step=after_step if method == "adalora" else None,
         module_ranks=module_ranks,
         module_updates=lambda: {n: m.get_delta_weight("default").detach() for n, m in layers.items()},
         save=lambda d: model.save_pretrained(str(d / "adapter")),
@@ -214,5 +215,5 @@ def _prepare_selective(method, base, opts, max_steps, warmup_steps) -> MethodRun
         p.requires_grad_(method == "full" or in_head or name.endswith("bias"))
     return MethodRun(
         method=method, model=base, parameters=[p for p in base.parameters() if p.requires_grad],
-        make_scheduler=lambda opt: decay_schedule(opt, max_steps, warmup_steps, opts), after_step=lambda step: False,
+        make_scheduler=lambda opt: decay_schedule(opt, max_steps, warmup_steps, opts), after_step=None,
         module_ranks=dict, module_updates=dict, save=lambda d: _save_trainable(base, d / "adapter"))

@@ -1,0 +1,234 @@
+"""Commonsense (causal LM) and summarization (seq2seq and decoder prompt) on tiny random models, offline."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
+
+from aroma_peft import train as T
+from aroma_peft.methods import MethodOptions
+from aroma_peft.tasks import commonsense as C
+from aroma_peft.tasks import summarization as S
+from aroma_peft.tasks.lm import IGNORE, prompt_target_rows
+
+WORDS = ("Below is an instruction that describes a task. Write a response appropriately completes the request. "
+         "### Instruction: Response: Please answer following question with true or false, question: does cat sit "
+         "mat? Answer format: true/false correct answer1 answer2 solution1 solution2 option1 option2 Summarize "
+         "article in one sentence. Summary: dog ran big small red blue").split()
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Whitespace-split words: a hand-countable tokenization."""
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + sorted(set(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def save(model, d):
+    word_tokenizer().save_pretrained(d)
+    model.save_pretrained(d)
+    return d
+
+
+def tiny_llama(vocab):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        pad_token_id=0, bos_token_id=2, eos_token_id=3))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save(tiny_llama(len(word_tokenizer())), tmp_path_factory.mktemp("llama"))
+
+
+def row(answer):
+    return {"instruction": "Please answer following question with true or false, question: does cat sit mat?\n\n"
+                           "Answer format: true/false", "input": "", "output": f"the correct answer is {answer}",
+            "answer": answer}
+
+
+@pytest.fixture(scope="module")
+def commonsense_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("commonsense")
+    (d / "boolq").mkdir()
+    (d / "boolq" / "train.json").write_text(json.dumps([row("true"), row("false"), row("true")] * 4))
+    (d / "boolq" / "test.json").write_text(json.dumps([row("true"), row("true"), row("false")]))
+    (d / "piqa").mkdir()
+    pi = {"instruction": "Please answer question\n\nSolution1: cat Solution2: dog\n\nAnswer format: solution1/solution2",
+          "input": "", "output": "the correct answer is solution2", "answer": "solution2"}
+    (d / "piqa" / "test.json").write_text(json.dumps([pi, pi | {"answer": "solution1"}]))
+    return d
+
+
+class TestAnswerOnlyLoss:
+    def test_labels_mask_every_prompt_token_and_keep_the_answer_and_eos(self):
+        tok = word_tokenizer()
+        ex = C.Example("boolq", "does cat sit mat?", "", "the correct answer is true", "true")
+        [r] = prompt_target_rows(tok, [C.prompt(ex)], [ex.output], max_len=512)
+        n_prompt = len(C.prompt(ex).split())  # whitespace words, counted by hand
+        answer_ids = [tok.convert_tokens_to_ids(w) for w in "the correct answer is true".split()] + [tok.eos_token_id]
+        assert r["labels"] == [IGNORE] * n_prompt + answer_ids
+        assert r["input_ids"][n_prompt:] == answer_ids
+
+    def test_the_loss_is_the_mean_cross_entropy_of_the_answer_tokens(self, llama_dir):
+        tok, model = word_tokenizer(), LlamaForCausalLM.from_pretrained(llama_dir)
+        ex = C.Example("boolq", "does cat sit mat?", "", "the correct answer is true", "true")
+        [r] = prompt_target_rows(tok, [C.prompt(ex)], [ex.output], max_len=512)
+        ids = torch.tensor([r["input_ids"]])
+        loss = model(input_ids=ids, labels=torch.tensor([r["labels"]])).loss
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        n = len(C.prompt(ex).split())
+        ref = -torch.stack([logp[t - 1, ids[0, t]] for t in range(n, ids.shape[1])]).mean()
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+class TestAnswerExtraction:
+    @pytest.mark.parametrize("task, text, want", [
+        ("boolq", "the correct answer is false", "false"),
+        ("boolq", "true or false? I say false", "true"),  # the first match, as LLM-Adapters
+        ("piqa", "the correct answer is solution2.", "solution2"),
+        ("social_i_qa", "answer3 is right", "answer3"),
+        ("ARC-Challenge", "the correct answer is answer4", "answer4"),
+        ("winogrande", "option1", "option1"),
+        ("openbookqa", "no idea", ""),
+    ])
+    def test_llm_adapters_rules(self, task, text, want):
+        assert C.extract_answer(task, text) == want
+
+    def test_choices_come_from_the_answer_format(self):
+        ex = C.Example("ARC-Easy", "Q\n\nAnswer format: answer1/answer2/answer3", "", "", "answer1")
+        assert C.answer_choices(ex) == ["answer1", "answer2", "answer3"]
+
+
+class TestCommonsenseData:
+    @pytest.mark.parametrize("content, match", [
+        ("[{\"instruction\": \"q\", \"output\": \"o\"}]", r"bad\.json: row 0: answer missing or not a string"),
+        ("[" + json.dumps(row("true")) + ", 3]", r"bad\.json: row 1: a int, not an object"),
+        ("{\"a\": 1}", r"bad\.json: expected a non-empty JSON list"),
+        ("not json", r"bad\.json: not a JSON file"),
+    ])
+    def test_a_bad_file_names_the_file_and_the_row(self, tmp_path, content, match):
+        (tmp_path / "bad.json").write_text(content)
+        with pytest.raises(ValueError, match=match):
+            C.read_file(tmp_path / "bad.json", "boolq")
+
+    def test_the_shipped_files_read(self):
+        from pathlib import Path
+
+        root = Path("/work/shared/data/commonsense")
+        if not root.is_dir():
+            pytest.skip("no shared data here")
+        for t in C.TASKS:
+            exs = C.read_file(root / t / "test.json", t)
+            assert all(e.answer in C.answer_choices(e) for e in exs[:200]), t
+
+
+def commonsense_options(model, data, out, **changes):
+    opts = T.TrainOptions(task="commonsense", family="commonsense", model=str(model), data_dir=str(data),
+                          out=str(out), max_steps=6, eval_steps=3, batch_size=4, warmup_steps=1, lr=5e-3,
+                          max_seq_len=128, eval_batch_size=4, max_new_tokens=6, progress=False,
+                          eval_tasks=["boolq", "piqa"],
+                          method_options=MethodOptions(max_inner_steps=2, check_interval=1, restart_warmup_steps=1))
+    return opts.__class__(**(opts.__dict__ | changes))
+
+
+@pytest.mark.parametrize("method, mode", [("aroma", "generate"), ("lora", "loglik")])
+def test_commonsense_trains_and_scores_per_task(llama_dir, commonsense_dir, tmp_path, method, mode):
+    final = T.run(commonsense_options(llama_dir, commonsense_dir, tmp_path / "run", method=method, eval_mode=mode))
+    assert set(final["metrics"]) == {"boolq_accuracy", "piqa_accuracy", "average"}
+    assert final["majority_baseline"] == {"boolq_accuracy": 2 / 3, "piqa_accuracy": 0.5, "average": (2 / 3 + 0.5) / 2}
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["method_options"]["target_modules"] == C.TARGET_MODULES  # Table 13 on a Llama
+    assert (tmp_path / "run" / "report.md").is_file()
+
+
+def test_loglik_picks_the_choice_a_direct_computation_prefers(llama_dir):
+    tok, model = word_tokenizer(), LlamaForCausalLM.from_pretrained(llama_dir)
+    opts = commonsense_options(llama_dir, "x", "y", eval_mode="loglik")
+    fam = C.CommonsenseFamily(opts)
+    ex = C.Example("boolq", "does cat sit mat?\n\nAnswer format: true/false", "", "", "true")
+    [choices], [scores] = fam.choice_scores(model, tok, [ex], 2, "cpu")
+    assert choices == ["true", "false"]
+    for c, s in zip(choices, scores):  # one row at a time, no padding, float64
+        prompt_ids = tok(C.prompt(ex))["input_ids"]
+        ids = tok(C.prompt(ex) + f"the correct answer is {c}")["input_ids"]
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        ref = sum(logp[t - 1, ids[t]].item() for t in range(len(prompt_ids), len(ids)))
+        assert s == pytest.approx(ref, abs=1e-4)
+
+
+def test_a_model_that_is_not_a_causal_lm_is_named_before_compute(commonsense_dir, tmp_path, monkeypatch):
+    d = save(tiny_seq2seq("t5", len(word_tokenizer())), tmp_path / "t5")
+    monkeypatch.setattr(T, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match=r"a 't5' model is not a causal LM .* which the commonsense task needs"):
+        T.run(commonsense_options(d, commonsense_dir, tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------- summarization
+def xsum_file(path, n=10):
+    rows = [{"id": str(i), "document": "the cat sat on the mat. the dog ran big", "summary": "cat sat mat"}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_seq2seq(kind, vocab):
+    torch.manual_seed(0)
+    if kind == "bart":
+        return BartForConditionalGeneration(BartConfig(
+            vocab_size=vocab, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+            pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=3, forced_eos_token_id=3))
+    return T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                               num_heads=4, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0))
+
+
+def summ_options(model, data, out, **changes):
+    return T.TrainOptions(task="summarization", family="summarization", model=str(model), data_dir=str(data),
+                          out=str(out), max_steps=4, eval_steps=4, batch_size=4, warmup_steps=1, lr=5e-3,
+                          max_seq_len=96, eval_batch_size=4, max_new_tokens=5, progress=False,
+                          method_options=MethodOptions(max_inner_steps=2, check_interval=1,
+                                                       restart_warmup_steps=1), **changes)
+
+
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+def test_seq2seq_summarization_trains_and_reports_rouge(kind, tmp_path):
+    d = save(tiny_seq2seq(kind, len(word_tokenizer())), tmp_path / kind)
+    final = T.run(summ_options(d, xsum_file(tmp_path / "x.jsonl"), tmp_path / "run"))
+    assert set(final["metrics"]) == {"rouge1", "rouge2", "rougeL"} and final["steps"] == 4
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train_examples"] == 8  # 80% of 10, in order
+
+
+def test_decoder_only_summarization_through_a_prompt(llama_dir, tmp_path):
+    final = T.run(summ_options(llama_dir, xsum_file(tmp_path / "x.jsonl"), tmp_path / "run", decoder_only=True))
+    assert set(final["metrics"]) == {"rouge1", "rouge2", "rougeL"}
+
+
+def test_a_causal_lm_without_decoder_only_is_named(llama_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"not a seq2seq LM .* \(it is a causal LM .*; pass --decoder-only\)"):
+        T.run(summ_options(llama_dir, xsum_file(tmp_path / "x.jsonl"), tmp_path / "run"))
+
+
+def test_rouge_is_rouge_score_itself_and_lead_1_is_the_first_sentence():
+    from rouge_score import rouge_scorer
+
+    preds, refs = ["the cat sat", "a dog ran far"], ["the cat sat down", "dogs run"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    want = {k: (scorer.score(refs[0], preds[0])[k].fmeasure + scorer.score(refs[1], preds[1])[k].fmeasure) / 2
+            for k in ("rouge1", "rouge2", "rougeL")}
+    assert S.rouge(preds, refs) == pytest.approx(want)
+    assert S.rouge(["the cat sat"], ["the cat sat"])["rouge2"] == 1.0
+    assert S.lead_1("First one. Second one.") == "First one."
+
+
+def test_a_bad_jsonl_line_names_the_file_and_the_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"document": "d", "summary": "s"}) + "\n" + json.dumps({"document": "d"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2: summary missing or not a string"):
+        S.read_jsonl(p)
