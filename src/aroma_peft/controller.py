@@ -21,10 +21,10 @@ import torch
 
 from .dual_loop import Decision, DualLoop
 from .faults import NonFiniteGuard
-from .layer import derived_seed
 from .model import AromaModel
 from .reset import drop_optimizer_state, reset_optimizer_state
 from .schedule import AromaLRSchedule, lr_factor
+from .seeds import derived_seed
 
 
 class AromaController:

@@ -14,7 +14,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import AromaConfig
-from .layer import base_features, copy_full_, full_tensor
+from .dtensor import copy_full_, full_tensor
+from .layer import base_features
 
 ADAPTER_WEIGHTS = "aroma_adapter.safetensors"
 ADAPTER_META = "aroma_adapter.json"
@@ -118,7 +119,7 @@ def save_adapter(model, directory: str | Path, controller=None) -> None:
     })
 
 
-def _expect(tensors: dict, key: str, shape: tuple, path: Path) -> torch.Tensor:
+def expect_tensor(tensors: dict, key: str, shape: tuple, path: Path) -> torch.Tensor:
     if key not in tensors:
         raise ValueError(f"{path}: tensor {key!r} is missing")
     t = tensors[key]
@@ -127,7 +128,7 @@ def _expect(tensors: dict, key: str, shape: tuple, path: Path) -> torch.Tensor:
     return t
 
 
-def _read_adapter(directory: Path) -> tuple[dict, AromaConfig, dict[str, torch.Tensor], Path]:
+def read_adapter(directory: Path) -> tuple[dict, AromaConfig, dict[str, torch.Tensor], Path]:
     """Metadata, config and tensors of a saved adapter, the weights checked against their sha256."""
     meta_path, weights_path = directory / ADAPTER_META, directory / ADAPTER_WEIGHTS
     meta = read_json(meta_path)
@@ -144,7 +145,7 @@ def _read_adapter(directory: Path) -> tuple[dict, AromaConfig, dict[str, torch.T
     return meta, config, tensors, weights_path
 
 
-def _check_modules(meta: dict, names: list[str], meta_path: Path) -> None:
+def check_modules(meta: dict, names: list[str], meta_path: Path) -> None:
     if set(names) != set(meta["modules"]):
         missing = sorted(set(meta["modules"]) - set(names))
         extra = sorted(set(names) - set(meta["modules"]))
@@ -152,14 +153,14 @@ def _check_modules(meta: dict, names: list[str], meta_path: Path) -> None:
                          f"in the model only: {extra[:5]})")
 
 
-def _checked_factors(tensors: dict, meta: dict, name: str, r: int, n_in: int, n_out: int, path: Path) -> list:
+def checked_factors(tensors: dict, meta: dict, name: str, r: int, n_in: int, n_out: int, path: Path) -> list:
     rank = int(meta["modules"][name]["rank"])
-    return [_expect(tensors, f"{name}.{key}", shape, path) for key, shape in (
+    return [expect_tensor(tensors, f"{name}.{key}", shape, path) for key, shape in (
         ("lora_A", (r, n_in)), ("lora_B", (n_out, r)), ("merged_A", (rank, n_in)), ("merged_B", (n_out, rank)))]
 
 
 @torch.no_grad()
-def _apply(aroma, meta: dict, checked: dict, saved: dict) -> None:
+def apply_adapter(aroma, meta: dict, checked: dict, saved: dict) -> None:
     """Write checked tensors into a freshly wrapped ``AromaModel`` (no component merged yet)."""
     for name, layer in aroma.aroma_layers.items():
         lora_a, lora_b, merged_a, merged_b = checked[name]
@@ -172,34 +173,11 @@ def _apply(aroma, meta: dict, checked: dict, saved: dict) -> None:
         copy_full_(param, saved[key])
 
 
-def load_adapter(model, directory: str | Path):
-    """Wrap ``model`` (the original base) and load an adapter written by ``save_adapter``."""
-    from .model import AromaModel, _find_modules_to_save as _modules_to_save_names, find_target_modules
-
-    directory = Path(directory)
-    meta, config, tensors, weights_path = _read_adapter(directory)
-    # Check every tensor against the model before touching it: a failed load leaves the model as it was.
-    targets = find_target_modules(model, config)
-    _check_modules(meta, targets, directory / ADAPTER_META)
-    checked = {}
-    for name in targets:
-        n_in, n_out = base_features(model.get_submodule(name))
-        checked[name] = _checked_factors(tensors, meta, name, config.r, n_in, n_out, weights_path)
-    saved = {}
-    for head in _modules_to_save_names(model, config):
-        for pname, param in model.get_submodule(head).named_parameters():
-            key = f"{head}.{pname}"
-            saved[key] = _expect(tensors, f"modules_to_save.{key}", param.shape, weights_path)
-    aroma = AromaModel(model, config)
-    _apply(aroma, meta, checked, saved)
-    return aroma
-
-
 def load_adapter_into(aroma, directory: str | Path) -> None:
     """Load a saved adapter into ``aroma``, an ``AromaModel`` just built with the same config
     (to resume a run). Everything is checked before the model is touched."""
     directory = Path(directory)
-    meta, config, tensors, weights_path = _read_adapter(directory)
+    meta, config, tensors, weights_path = read_adapter(directory)
     if any(layer.rank for layer in aroma.aroma_layers.values()):
         raise ValueError("load_adapter_into needs a freshly wrapped model: this one already merged components")
     ours = aroma.aroma_config.to_dict()
@@ -207,12 +185,12 @@ def load_adapter_into(aroma, directory: str | Path) -> None:
         if ours.get(key) != value:
             raise ValueError(f"{directory / ADAPTER_META}: AromaConfig.{key}={value!r} in the file, "
                              f"{ours.get(key)!r} in this model; resume with the same configuration")
-    _check_modules(meta, list(aroma.aroma_layers), directory / ADAPTER_META)
-    checked = {name: _checked_factors(tensors, meta, name, layer.r, layer.in_features, layer.out_features, weights_path)
+    check_modules(meta, list(aroma.aroma_layers), directory / ADAPTER_META)
+    checked = {name: checked_factors(tensors, meta, name, layer.r, layer.in_features, layer.out_features, weights_path)
                for name, layer in aroma.aroma_layers.items()}
-    saved = {key: _expect(tensors, f"modules_to_save.{key}", tuple(p.shape), weights_path)
+    saved = {key: expect_tensor(tensors, f"modules_to_save.{key}", tuple(p.shape), weights_path)
              for key, p in aroma.modules_to_save_state().items()}
-    _apply(aroma, meta, checked, saved)
+    apply_adapter(aroma, meta, checked, saved)
 
 
 def load_controller_state(directory: str | Path) -> dict:

@@ -12,7 +12,9 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import AromaConfig
-from .layer import SUPPORTED_BASE_LAYERS, AromaLinear, unsupported_base_layer
+from .io import (ADAPTER_META, apply_adapter, check_modules, checked_factors, expect_tensor, export_lora, read_adapter,
+                 save_adapter)
+from .layer import SUPPORTED_BASE_LAYERS, AromaLinear, base_features, unsupported_base_layer
 
 
 def _matches(name: str, spec) -> bool:
@@ -201,21 +203,15 @@ class AromaModel(nn.Module):
     # ------------------------------------------------------------------ artefacts
     def save_pretrained(self, directory: str | Path, controller=None) -> None:
         """Write the adapter (safetensors) and its metadata and controller state (JSON) to ``directory``."""
-        from .io import save_adapter
-
         save_adapter(self, directory, controller)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | Path) -> "AromaModel":
         """Wrap ``model`` (the original base) and load the adapter saved in ``directory``."""
-        from .io import load_adapter
-
         return load_adapter(model, directory)
 
     def export_lora(self, directory: str | Path) -> None:
         """Write a standard PEFT LoRA adapter that ``peft.PeftModel.from_pretrained(base, directory)`` loads."""
-        from .io import export_lora
-
         export_lora(self, directory)
 
     @torch.no_grad()
@@ -262,6 +258,28 @@ def _watch_optimizers(model: AromaModel) -> None:
     if _optimizer_hook is None:
         _optimizer_hook = register_optimizer_step_pre_hook(_before_any_optimizer_step)
     _uncontrolled.add(model)
+
+
+def load_adapter(model, directory: str | Path):
+    """Wrap ``model`` (the original base) and load an adapter written by ``save_adapter``."""
+    directory = Path(directory)
+    meta, config, tensors, weights_path = read_adapter(directory)
+    # Check every tensor against the model before touching it: a failed load leaves the model as it was.
+    targets = find_target_modules(model, config)
+    check_modules(meta, targets, directory / ADAPTER_META)
+    checked = {}
+    for name in targets:
+        n_in, n_out = base_features(model.get_submodule(name))
+        checked[name] = checked_factors(tensors, meta, name, config.r, n_in, n_out, weights_path)
+    saved = {}
+    for head in _find_modules_to_save(model, config):
+        for pname, param in model.get_submodule(head).named_parameters():
+            key = f"{head}.{pname}"
+            saved[key] = expect_tensor(tensors, f"modules_to_save.{key}", param.shape, weights_path)
+    aroma = AromaModel(model, config)
+    apply_adapter(aroma, meta, checked, saved)
+    return aroma
+
 
 
 def get_aroma_model(model: nn.Module, config: AromaConfig) -> AromaModel:
