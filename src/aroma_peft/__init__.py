@@ -9,6 +9,9 @@ from .layer import AromaLinear
 from .model import AromaModel, get_aroma_model, load_adapter
 from .reset import reset_optimizer_state
 from .schedule import AromaLRSchedule, lr_factor
+from .integrations.peft import register as _register_with_peft
+
+_register_with_peft()
 
 __all__ = [
     "AromaConfig", "AromaController", "AromaLRSchedule", "AromaLinear", "AromaModel", "Decision", "DualLoop",

@@ -274,15 +274,35 @@ class AromaLinear(nn.Module):
             self.base_layer.weight.sub_(self._delta_in_weight_layout(self.merged_B, self.merged_A), alpha=self.scaling)
         return self.base_layer
 
+    @torch.no_grad()
+    def load_components(self, b: torch.Tensor, a: torch.Tensor) -> None:
+        """Make ``s b a`` the merged update (``a``: k x in), folded one component at a time as training folds them."""
+        self.original_base_layer()
+        self.merged_A = torch.zeros(0, self.in_features, device=self.merged_A.device, dtype=torch.float32)
+        self.merged_B = torch.zeros(self.out_features, 0, device=self.merged_B.device, dtype=torch.float32)
+        for k in range(0, a.shape[0], self.r):
+            self.append_merged(b[:, k:k + self.r], a[k:k + self.r])
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # The merged buffers grow during training: take the saved shape before copying.
-        for name in ("merged_A", "merged_B"):
-            saved = state_dict.get(prefix + name)
-            if saved is not None and saved.shape != getattr(self, name).shape:
-                setattr(self, name, torch.zeros(saved.shape, dtype=torch.float32, device=getattr(self, name).device))
+        merged_b, merged_a = state_dict.get(prefix + "merged_B"), state_dict.get(prefix + "merged_A")
+        if merged_a is not None and merged_b is not None and prefix + "base_layer.weight" not in state_dict:
+            # An adapter without its base weights (PeftModel.from_pretrained, PeftModel.load_adapter):
+            # its components are folded into this layer's W0 as training folded them.
+            self.load_components(merged_b, merged_a)
+        else:  # a whole state dict, folded weight included: the merged buffers take the saved shape
+            for name, saved in (("merged_A", merged_a), ("merged_B", merged_b)):
+                if saved is not None and saved.shape != getattr(self, name).shape:
+                    setattr(self, name, torch.zeros(saved.shape, dtype=torch.float32, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        active = state_dict.get(prefix + "active")  # written by save_adapter; a loaded model stays as trainable as it was
+        if active is not None:
+            trainable = self.lora_A.requires_grad
+            self.set_active(bool(active))
+            if not trainable:
+                self.lora_A.requires_grad_(False)
+                self.lora_B.requires_grad_(False)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, rank={self.rank}, active={self.active}, fold_merged={self.fold_merged}"
