@@ -120,7 +120,9 @@ def _add_run_arguments(parser, data_help: str, modules_help: str) -> None:
     """The arguments every task family shares: model, method, data, run directory, engine, options."""
     parser.add_argument("--model", required=True, help="local model folder (with tokenizer) or hub id (online only)")
     parser.add_argument("--method", default="aroma", choices=METHODS, help="fine-tuning method")
-    parser.add_argument("--preset", help="named hyperparameters (GLUE: roberta-base, paper Table 15, or small-cpu)")
+    parser.add_argument("--preset", help="named hyperparameters: GLUE roberta-base (paper Table 15) or small-cpu; "
+                                          "commonsense llama3-8b or llama3-8b-r8 (Table 13); summarization "
+                                          "bart-large (Table 14)")
     parser.add_argument("--data-dir", help=data_help)
     parser.add_argument("--out", help="run directory (default runs/TASK-METHOD-MODEL)")
     parser.add_argument("--target-modules", nargs="+", help="module-name suffixes to adapt (default: all linear layers)")
@@ -160,7 +162,7 @@ def train_options_from_args(args) -> "TrainOptions":
     values: dict = {}
     if args.preset:
         model_config = _model_config(args.model)
-        values.update(resolve_preset(args.preset, task, args.method, model_config))
+        values.update(resolve_preset(args.preset, family, task, args.method, model_config))
     values.update(given)
     if args.target_modules:
         values["target_modules"] = args.target_modules
