@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -55,6 +56,29 @@ def atomic_write(path: Path, write) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def refuse_non_empty_folder(out: Path, hint: str) -> None:
+    """A folder about to be written whole must not exist yet, or be empty: nothing is overwritten."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ValueError(f"{out}: already exists and is not an empty folder; {hint} (nothing was written)")
+
+
+def write_folder_then_rename(out: Path, write) -> None:
+    """Call ``write(tmp)`` on a folder beside ``out``, check every safetensors file in it reads back, then
+    rename it into place: ``out`` appears complete or not at all (an empty ``out`` is replaced)."""
+    tmp = out.parent / f".{out.name}.export-tmp"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        verify_safetensors(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked before anything was written)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: Path, obj) -> None:
