@@ -15,16 +15,16 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 
 def component_ratios(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
     from transformers import AutoModelForSequenceClassification
 
     config = json.loads((run_dir / "config.json").read_text())
-    meta = json.loads((run_dir / "adapter" / "aroma_adapter.json").read_text())
+    from aroma_peft.io import read_adapter
+
+    meta, _, tensors, _ = read_adapter(run_dir / "adapter")  # format 1 or 2, keyed "{module}.merged_A"
     s = meta["config"]["alpha"] / meta["config"]["r"]
-    tensors = load_file(str(run_dir / "adapter" / "aroma_adapter.safetensors"))
     base = AutoModelForSequenceClassification.from_pretrained(config["model"], num_labels=2)
     modules = dict(base.named_modules())
     out = {}

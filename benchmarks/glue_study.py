@@ -351,10 +351,10 @@ def reset_cosines(spec: dict, rows: list[dict], task: str, source: str, arm: str
         return None
     r, o = pairs[0]
     dirs = [work_dir(spec, make_run(spec, task, x["arm"], x["trial"], x["seed"])) / "adapter" for x in (r, o)]
-    if all((d / "aroma_adapter.safetensors").is_file() for d in dirs):
-        from safetensors.torch import load_file
+    if all((d / "aroma_adapter.json").is_file() for d in dirs):
+        from aroma_peft.io import read_adapter
 
-        t1, t2 = (load_file(str(d / "aroma_adapter.safetensors")) for d in dirs)
+        t1, t2 = (read_adapter(d)[2] for d in dirs)  # format 1 or 2, keyed "{module}.merged_A"
         per_module = {}
         for key in t1:
             if key.endswith(".merged_A"):

@@ -8,7 +8,7 @@ its variants interleaved, so the adapter's own cost is measured much more precis
 
 Variants, each ``y = module(x); y.backward(g)`` with ``x`` requiring grad and ``W0`` frozen:
     floor        the frozen nn.Linear (its input gradient only)
-    aroma        AromaLinear at p=1, the fused path (``layer._LiveLinear``)
+    aroma        AromaLinear at p=1, the fused path (``fused._LiveLinear``)
     aroma-plain  the same layer with ``fused = False`` (plain autograd: base + s (x A^T) B^T)
     lora-r1      PEFT's LoRA r=1 on the same nn.Linear
 

@@ -154,7 +154,7 @@ def test_resume_mid_inner_loop_makes_the_same_decisions_and_weights(tmp_path):
     torch.save({"optimizer": opt_state, "scheduler": sched_state}, tmp_path / "ckpt" / "optim.pt")
     del model, opt, ctrl
 
-    model = AromaModel.from_pretrained(tiny_bert(0), tmp_path / "ckpt")
+    model = AromaModel.from_pretrained(tiny_bert(0), tmp_path / "ckpt", is_trainable=True)
     opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
     saved = torch.load(tmp_path / "ckpt" / "optim.pt", weights_only=True)
     opt.load_state_dict(saved["optimizer"])

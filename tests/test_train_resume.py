@@ -56,7 +56,7 @@ def options(model_dir, mrpc_dir, out, **changes):
 
 
 def adapter_tensors(run_dir):
-    return load_file(str(run_dir / "adapter" / "aroma_adapter.safetensors"))
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
 def test_sigkill_mid_inner_loop_then_resume_gives_the_uninterrupted_adapter_bitwise(model_dir, mrpc_dir, tmp_path):
@@ -272,7 +272,7 @@ def test_a_checkpoint_swap_cut_short_falls_back_to_the_previous_checkpoint(model
     # Killed between the two renames of _save_checkpoint: the old one moved aside, the new one half written.
     os.replace(run_dir / "checkpoint", run_dir / ".checkpoint.old")
     (run_dir / ".checkpoint.tmp" / "adapter").mkdir(parents=True)
-    (run_dir / ".checkpoint.tmp" / "adapter" / "aroma_adapter.safetensors").write_bytes(b"\x00" * 10)
+    (run_dir / ".checkpoint.tmp" / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
     assert R.find_checkpoint(run_dir) == run_dir / ".checkpoint.old"
     # The first training forward of the resumed run is poisoned and stops it: its step number tells
     # where the run resumed (6, after the checkpoint at step 5; 1 if it had started over).
@@ -364,10 +364,10 @@ def test_a_checkpoint_tensor_of_the_wrong_shape_names_the_file_and_the_tensor(mo
     run_dir = tmp_path / "run"
     T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1))
     adapter = run_dir / "checkpoint" / "adapter"
-    weights, meta = adapter / "aroma_adapter.safetensors", adapter / "aroma_adapter.json"
+    weights, meta = adapter / "adapter_model.safetensors", adapter / "aroma_adapter.json"
     tensors = load_file(str(weights))
     key = "bert.encoder.layer.0.attention.self.query.lora_B"
-    tensors[key] = torch.zeros(31, 1)
+    tensors["base_model.model." + key] = torch.zeros(31, 1)  # the file's keys are a PeftModel's
     old_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     save_file(tensors, str(weights))
     meta.write_text(meta.read_text().replace(old_sha, hashlib.sha256(weights.read_bytes()).hexdigest()))

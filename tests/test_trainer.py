@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 from conftest import synthetic_batches, tiny_bert
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from aroma_peft import AromaConfig, AromaController, get_aroma_model, lr_factor
-from aroma_peft.integrations.trainer import AromaCallback
+from aroma_peft import AromaConfig, AromaController, AromaModel, get_aroma_model, lr_factor
+from aroma_peft.integrations.trainer import AromaCallback, AromaTrainer
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -93,8 +93,8 @@ def resumable_trainer(out, max_steps=45, save_steps=25, poison_step=None):
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=16, max_steps=max_steps,
                              logging_steps=1, save_strategy="steps", save_steps=save_steps, report_to=[],
                              use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(rows(8)),
-                      optimizers=(optimizer, scheduler), callbacks=[AromaCallback(controller)])
+    trainer = AromaTrainer(model=model, args=args, train_dataset=ListDataset(rows(8)),
+                           optimizers=(optimizer, scheduler), callbacks=[AromaCallback(controller)])
     return trainer, controller
 
 
@@ -134,6 +134,84 @@ def test_a_nan_gradient_in_the_trainer_skips_the_step(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(seen[2], seen[3]))  # the skipped step moved nothing
     assert not all(torch.equal(a, b) for a, b in zip(seen[3], seen[4]))
     assert all(torch.isfinite(p).all() for p in controller.model.adapter_parameters())
+
+
+# ------------------------------------------------------------------------------------------ what a checkpoint holds
+ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "aroma_adapter.json", "aroma_controller.json"}
+BASE_WEIGHTS = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}
+
+
+def logits_of(model):
+    model.eval()
+    with torch.no_grad():
+        batch = synthetic_batches(1, seed=7)[0]
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def full_model_bytes(model, tmp_path):
+    """What the plain Trainer writes for a non-PreTrainedModel: its whole state_dict as safetensors."""
+    path = tmp_path / "full.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path.stat().st_size
+
+
+class TestAdapterCheckpoints:
+    def test_checkpoints_and_save_model_hold_the_adapter_not_the_base_model(self, tmp_path):
+        trainer, controller = resumable_trainer(tmp_path / "run", max_steps=30, save_steps=15)
+        trainer.train()
+        trainer.save_model(str(tmp_path / "final"))
+        full = full_model_bytes(controller.model, tmp_path)
+        expected = logits_of(controller.model)
+        for folder in (tmp_path / "run" / "checkpoint-30", tmp_path / "final"):
+            files = {p.name for p in folder.iterdir()}
+            assert ADAPTER_FILES <= files and not files & BASE_WEIGHTS, (folder, files)
+            adapter_bytes = sum((folder / f).stat().st_size for f in ADAPTER_FILES)
+            assert adapter_bytes < full / 5, (adapter_bytes, full)
+            assert json.loads((folder / "aroma_controller.json").read_text()) == json.loads(
+                json.dumps(controller.state_dict()))
+            loaded = AromaModel.from_pretrained(tiny_bert(), folder)
+            assert loaded.ranks() == controller.model.ranks() and sum(loaded.ranks().values()) > 0
+            torch.testing.assert_close(logits_of(loaded), expected, rtol=0, atol=1e-6)
+
+    def test_a_run_resumed_from_an_adapter_checkpoint_equals_the_uninterrupted_run(self, tmp_path):
+        ref, ref_ctrl = resumable_trainer(tmp_path / "ref", max_steps=40, save_steps=20)
+        ref.train()
+        checkpoint = tmp_path / "ref" / "checkpoint-20"
+        assert not {p.name for p in checkpoint.iterdir()} & BASE_WEIGHTS
+        assert json.loads((checkpoint / "aroma_adapter.json").read_text())["modules"]  # merged ranks at step 20
+        assert any(h["step"] <= 20 for h in ref_ctrl.history[1:]) and any(h["step"] > 20 for h in ref_ctrl.history)
+
+        resumed, ctrl = resumable_trainer(tmp_path / "resumed", max_steps=40, save_steps=20)
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+        assert resumed.state.global_step == ref.state.global_step == 40
+        assert ctrl.history == ref_ctrl.history and ctrl.loop.state_dict() == ref_ctrl.loop.state_dict()
+        assert ctrl.model.ranks() == ref_ctrl.model.ranks()
+        torch.testing.assert_close(logits_of(ctrl.model), logits_of(ref_ctrl.model), rtol=0, atol=1e-6)
+
+    def test_the_trainers_push_to_hub_uploads_only_the_adapter(self, tmp_path, monkeypatch):
+        import transformers.trainer
+
+        trainer, controller = resumable_trainer(tmp_path / "run", max_steps=10, save_steps=100)
+        trainer.train()
+        uploaded = {}
+
+        def upload_folder(repo_id, folder_path, **kwargs):  # the network is never reached
+            uploaded[repo_id] = sorted(p.name for p in os.scandir(folder_path) if p.is_file())
+
+        monkeypatch.setattr(transformers.trainer, "upload_folder", upload_folder)
+        monkeypatch.setattr(trainer, "create_model_card", lambda **kwargs: None)
+        trainer.hub_model_id = "someone/aroma-tiny-bert"  # as init_hf_repo would set it; no repo is created
+        trainer.args.push_to_hub = True
+        trainer.push_to_hub()
+        files = set(uploaded["someone/aroma-tiny-bert"])
+        assert ADAPTER_FILES <= files and not files & BASE_WEIGHTS, files
+        assert sum((tmp_path / "run" / f).stat().st_size for f in files) < full_model_bytes(controller.model, tmp_path) / 5
+
+    def test_a_plain_trainer_writing_the_whole_model_is_warned_about(self, tmp_path):
+        trainer, controller = resumable_trainer(tmp_path, max_steps=6, save_steps=6)
+        trainer.__class__ = Trainer
+        with pytest.warns(RuntimeWarning, match=r"checkpoint-6 holds the whole model.*use AromaTrainer"):
+            trainer.train()
 
 
 WORLD = 2

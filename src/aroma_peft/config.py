@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+from peft import PeftConfig
+
 RESET_MODES = ("prune", "zero", "none")
 OUTER_CRITERIA = ("weight", "update")
 LR_DECAYS = ("linear", "cosine")
@@ -30,9 +32,15 @@ def _as_name_tuple(name: str, value) -> tuple[str, ...]:
     _fail(name, value, "a list of module-name suffixes (non-empty strings)")
 
 
-@dataclass(frozen=True)
-class AromaConfig:
-    """Hyperparameters of AROMA (paper §3, Algorithm 1).
+@dataclass
+class AromaConfig(PeftConfig):
+    """Hyperparameters of AROMA (paper §3, Algorithm 1), as a ``peft.PeftConfig``.
+
+    ``peft_type`` is ``"AROMA"`` (added to PEFT's ``PeftType`` when ``aroma_peft`` is imported), so
+    ``peft.get_peft_model(model, AromaConfig(...))`` and ``PeftModel.from_pretrained`` work;
+    ``save_pretrained`` / ``from_pretrained`` write and read ``adapter_config.json``. The AROMA
+    fields below are frozen once validated; PEFT's own fields (``task_type``,
+    ``base_model_name_or_path``, ``inference_mode``, ...) stay assignable, as PEFT sets them.
 
     Each adapted linear computes ``W0 x + bias + s * (B A) x`` with ``s = alpha / r`` as in LoRA
     eq. (1); ``B A`` is the sum of the merged rank-``r`` components plus the live one.
@@ -100,6 +108,10 @@ class AromaConfig:
     max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:
+        from peft.utils import PeftType
+
+        super().__post_init__()
+        self.peft_type = PeftType.AROMA
         tm = self.target_modules
         if isinstance(tm, str):
             if tm != "all-linear":
@@ -162,6 +174,14 @@ class AromaConfig:
             _fail("prune_ratio", self.prune_ratio, "a number in (0, 1]")
         if not isinstance(self.train_heads_after_convergence, bool):
             _fail("train_heads_after_convergence", self.train_heads_after_convergence, "True or False")
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in HYPERPARAMETERS and getattr(self, "_validated", False):
+            raise dataclasses.FrozenInstanceError(
+                f"AromaConfig.{name} cannot be assigned: the AROMA fields are frozen once validated; "
+                f"use config.replace({name}=...)")
+        object.__setattr__(self, name, value)
 
     @property
     def scaling(self) -> float:
@@ -172,23 +192,26 @@ class AromaConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def hyperparameters(self) -> dict:
+        """The AROMA fields alone (JSON types): what a run or an adapter was trained with."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.to_dict().items() if k in HYPERPARAMETERS}
+
     def to_dict(self) -> dict:
+        """Every field, PEFT's included (what ``adapter_config.json`` holds)."""
         d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AromaConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"AromaConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+            raise ValueError(f"AromaConfig: unknown field(s) {unknown}; known fields are {sorted(HYPERPARAMETERS)} "
+                             "and PEFT's")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k != "peft_type"})
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        Path(path).write_text(json.dumps(self.hyperparameters(), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path) -> "AromaConfig":
@@ -199,3 +222,7 @@ class AromaConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a JSON object of AromaConfig fields")
         return cls.from_dict(d)
+
+
+HYPERPARAMETERS = frozenset(f.name for f in dataclasses.fields(AromaConfig)) - {
+    f.name for f in dataclasses.fields(PeftConfig)}

@@ -21,23 +21,25 @@ import torch
 
 from .dual_loop import Decision, DualLoop
 from .faults import NonFiniteGuard
-from .layer import derived_seed
 from .model import AromaModel
 from .reset import drop_optimizer_state, reset_optimizer_state
 from .schedule import AromaLRSchedule, lr_factor
+from .seeds import derived_seed
 
 
 class AromaController:
     """Drives the dual loop of ``model``'s AROMA layers.
 
     Args:
-        model: the ``AromaModel`` (unwrapped: not the DDP/FSDP wrapper).
+        model: the ``AromaModel`` (unwrapped: not the DDP/FSDP wrapper), or the ``PeftModel`` around it.
         optimizer: the optimizer holding the live factors; needed for the Reset and the schedule.
             It may also be attached later with ``attach_optimizer`` (the Trainer callback does).
         max_steps: T, when ``model.aroma_config.max_steps`` is None.
     """
 
     def __init__(self, model: AromaModel, optimizer: torch.optim.Optimizer | None = None, max_steps: int | None = None):
+        if not isinstance(model, AromaModel) and isinstance(getattr(model, "base_model", None), AromaModel):
+            model = model.base_model  # the PeftModel of peft.get_peft_model(model, AromaConfig(...))
         if not isinstance(model, AromaModel):
             raise TypeError(f"AromaController needs the AromaModel from get_aroma_model, got {type(model).__name__}")
         self.model = model

@@ -137,7 +137,7 @@ def run_demo(out: Path, max_steps: int | None = None) -> str:
 
 def aroma_behaviour(run_dir: Path) -> str:
     """What AROMA decided by itself: the ranks the modules stopped at, when, and the trainable count."""
-    from .report import read_run_file
+    from .run_files import read_run_file
 
     ranks = [m["rank"] for m in read_run_file(run_dir, "ranks.json")["modules"]]
     history = read_run_file(run_dir, "rank_history.json")

@@ -14,11 +14,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This process's part of ``t``: the local shard of a DTensor (FSDP2), ``t`` itself otherwise."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
+from .dtensor import local_tensor
 
 
 def _distributed() -> bool:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,12 +15,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import AromaConfig
-from .layer import base_features, copy_full_, full_tensor
+from .dtensor import copy_full_, full_tensor
+from .layer import base_features
 
-ADAPTER_WEIGHTS = "aroma_adapter.safetensors"
+# Format 2 is also a PEFT adapter folder: PEFT's two file names, its "base_model.model." keys.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
 ADAPTER_META = "aroma_adapter.json"
 CONTROLLER_STATE = "aroma_controller.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+V1_WEIGHTS = "aroma_adapter.safetensors"  # format 1: keys "{module}.lora_A", "modules_to_save.{param}"
+PEFT_KEY_PREFIX = "base_model.model."
+LAYER_TENSORS = ("lora_A", "lora_B", "merged_A", "merged_B", "active")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -49,6 +56,29 @@ def atomic_write(path: Path, write) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def refuse_non_empty_folder(out: Path, hint: str) -> None:
+    """A folder about to be written whole must not exist yet, or be empty: nothing is overwritten."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ValueError(f"{out}: already exists and is not an empty folder; {hint} (nothing was written)")
+
+
+def write_folder_then_rename(out: Path, write) -> None:
+    """Call ``write(tmp)`` on a folder beside ``out``, check every safetensors file in it reads back, then
+    rename it into place: ``out`` appears complete or not at all (an empty ``out`` is replaced)."""
+    tmp = out.parent / f".{out.name}.export-tmp"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        verify_safetensors(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked before anything was written)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: Path, obj) -> None:
@@ -91,34 +121,46 @@ def read_json(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------- native format
-def save_adapter(model, directory: str | Path, controller=None) -> None:
-    """Write ``aroma_adapter.safetensors``, ``aroma_adapter.json`` (last, with the weights' sha256)
-    and, given a controller, ``aroma_controller.json``."""
-    directory = Path(directory)
-    tensors, modules = {}, {}
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """The adapter of an ``AromaModel`` under the keys of the ``PeftModel`` that wraps it: per module the
+    live factors, the merged components and whether the module is live; the ``modules_to_save`` whole."""
+    tensors = {}
     for name, layer in model.aroma_layers.items():
-        tensors[f"{name}.lora_A"] = layer.lora_A.detach()
-        tensors[f"{name}.lora_B"] = layer.lora_B.detach()
-        tensors[f"{name}.merged_A"] = layer.merged_A
-        tensors[f"{name}.merged_B"] = layer.merged_B
-        modules[name] = {"rank": layer.rank, "active": layer.active}
+        for key in ("lora_A", "lora_B", "merged_A", "merged_B"):
+            tensors[f"{PEFT_KEY_PREFIX}{name}.{key}"] = getattr(layer, key).detach()
+        tensors[f"{PEFT_KEY_PREFIX}{name}.active"] = torch.tensor(layer.active)
     for key, value in model.modules_to_save_state().items():
-        tensors[f"modules_to_save.{key}"] = value
-    tensors = {k: full_tensor(v.detach()).to("cpu").contiguous() for k, v in tensors.items()}
+        tensors[f"{PEFT_KEY_PREFIX}{key}"] = value
+    return {k: full_tensor(v.detach()).to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def save_adapter(model, directory: str | Path, controller=None) -> None:
+    """Write ``adapter_model.safetensors``, ``adapter_config.json``, ``aroma_adapter.json`` (last, with
+    the weights' sha256) and, given a controller, ``aroma_controller.json``.
+
+    The folder is a PEFT adapter too: ``PeftModel.from_pretrained(base, directory)`` loads it."""
+    directory = Path(directory)
+    modules = {name: {"rank": layer.rank, "active": layer.active} for name, layer in model.aroma_layers.items()}
+    tensors = adapter_tensors(model)
     weights = directory / ADAPTER_WEIGHTS
     atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    base_config = getattr(model.base_model, "config", None)
+    peft_config = model.aroma_config.to_dict() | {
+        "base_model_name_or_path": model.aroma_config.base_model_name_or_path
+        or getattr(base_config, "_name_or_path", None) or None, "inference_mode": True}
+    write_json(directory / PEFT_CONFIG, peft_config)
     if controller is not None:
         write_json(directory / CONTROLLER_STATE, controller.state_dict())
     write_json(directory / ADAPTER_META, {
         "format_version": FORMAT_VERSION,
-        "config": model.aroma_config.to_dict(),
+        "config": model.aroma_config.hyperparameters(),
         "modules": modules,
         "modules_to_save": model.modules_to_save_names,
         "weights_sha256": sha256_file(weights),
     })
 
 
-def _expect(tensors: dict, key: str, shape: tuple, path: Path) -> torch.Tensor:
+def expect_tensor(tensors: dict, key: str, shape: tuple, path: Path) -> torch.Tensor:
     if key not in tensors:
         raise ValueError(f"{path}: tensor {key!r} is missing")
     t = tensors[key]
@@ -127,12 +169,15 @@ def _expect(tensors: dict, key: str, shape: tuple, path: Path) -> torch.Tensor:
     return t
 
 
-def _read_adapter(directory: Path) -> tuple[dict, AromaConfig, dict[str, torch.Tensor], Path]:
-    """Metadata, config and tensors of a saved adapter, the weights checked against their sha256."""
-    meta_path, weights_path = directory / ADAPTER_META, directory / ADAPTER_WEIGHTS
+def read_adapter(directory: Path) -> tuple[dict, AromaConfig, dict[str, torch.Tensor], Path]:
+    """Metadata, config and tensors of a saved adapter (format 1 or 2), the weights checked against
+    their sha256; tensors keyed ``"{module}.lora_A"`` ... and ``"modules_to_save.{param}"``."""
+    meta_path = directory / ADAPTER_META
     meta = read_json(meta_path)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    version = meta.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        raise ValueError(f"{meta_path}: format_version {version!r}, expected 1 or {FORMAT_VERSION}")
+    weights_path = directory / (V1_WEIGHTS if version == 1 else ADAPTER_WEIGHTS)
     try:
         config = AromaConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as err:
@@ -141,10 +186,17 @@ def _read_adapter(directory: Path) -> tuple[dict, AromaConfig, dict[str, torch.T
     if meta.get("weights_sha256") != sha256_file(weights_path):
         raise ValueError(f"{weights_path}: content does not match the sha256 recorded in {meta_path} "
                          "(the file was changed or only partly written)")
+    if version == FORMAT_VERSION:
+        tensors = {_v1_key(k.removeprefix(PEFT_KEY_PREFIX), meta["modules"]): v for k, v in tensors.items()}
     return meta, config, tensors, weights_path
 
 
-def _check_modules(meta: dict, names: list[str], meta_path: Path) -> None:
+def _v1_key(key: str, modules: dict) -> str:
+    module, _, tensor = key.rpartition(".")
+    return key if module in modules and tensor in LAYER_TENSORS else f"modules_to_save.{key}"
+
+
+def check_modules(meta: dict, names: list[str], meta_path: Path) -> None:
     if set(names) != set(meta["modules"]):
         missing = sorted(set(meta["modules"]) - set(names))
         extra = sorted(set(names) - set(meta["modules"]))
@@ -152,67 +204,43 @@ def _check_modules(meta: dict, names: list[str], meta_path: Path) -> None:
                          f"in the model only: {extra[:5]})")
 
 
-def _checked_factors(tensors: dict, meta: dict, name: str, r: int, n_in: int, n_out: int, path: Path) -> list:
+def checked_factors(tensors: dict, meta: dict, name: str, r: int, n_in: int, n_out: int, path: Path) -> list:
     rank = int(meta["modules"][name]["rank"])
-    return [_expect(tensors, f"{name}.{key}", shape, path) for key, shape in (
+    return [expect_tensor(tensors, f"{name}.{key}", shape, path) for key, shape in (
         ("lora_A", (r, n_in)), ("lora_B", (n_out, r)), ("merged_A", (rank, n_in)), ("merged_B", (n_out, rank)))]
 
 
 @torch.no_grad()
-def _apply(aroma, meta: dict, checked: dict, saved: dict) -> None:
+def apply_adapter(aroma, meta: dict, checked: dict, saved: dict) -> None:
     """Write checked tensors into a freshly wrapped ``AromaModel`` (no component merged yet)."""
     for name, layer in aroma.aroma_layers.items():
         lora_a, lora_b, merged_a, merged_b = checked[name]
         copy_full_(layer.lora_A, lora_a)
         copy_full_(layer.lora_B, lora_b)
-        for k in range(0, merged_a.shape[0], layer.r):  # one component at a time: the same fp32 rounding as training
-            layer.append_merged(merged_b[:, k:k + layer.r], merged_a[k:k + layer.r])
+        layer.load_components(merged_b, merged_a)
         layer.set_active(bool(meta["modules"][name]["active"]))
     for key, param in aroma.modules_to_save_state().items():
         copy_full_(param, saved[key])
-
-
-def load_adapter(model, directory: str | Path):
-    """Wrap ``model`` (the original base) and load an adapter written by ``save_adapter``."""
-    from .model import AromaModel, _find_modules_to_save as _modules_to_save_names, find_target_modules
-
-    directory = Path(directory)
-    meta, config, tensors, weights_path = _read_adapter(directory)
-    # Check every tensor against the model before touching it: a failed load leaves the model as it was.
-    targets = find_target_modules(model, config)
-    _check_modules(meta, targets, directory / ADAPTER_META)
-    checked = {}
-    for name in targets:
-        n_in, n_out = base_features(model.get_submodule(name))
-        checked[name] = _checked_factors(tensors, meta, name, config.r, n_in, n_out, weights_path)
-    saved = {}
-    for head in _modules_to_save_names(model, config):
-        for pname, param in model.get_submodule(head).named_parameters():
-            key = f"{head}.{pname}"
-            saved[key] = _expect(tensors, f"modules_to_save.{key}", param.shape, weights_path)
-    aroma = AromaModel(model, config)
-    _apply(aroma, meta, checked, saved)
-    return aroma
 
 
 def load_adapter_into(aroma, directory: str | Path) -> None:
     """Load a saved adapter into ``aroma``, an ``AromaModel`` just built with the same config
     (to resume a run). Everything is checked before the model is touched."""
     directory = Path(directory)
-    meta, config, tensors, weights_path = _read_adapter(directory)
+    meta, config, tensors, weights_path = read_adapter(directory)
     if any(layer.rank for layer in aroma.aroma_layers.values()):
         raise ValueError("load_adapter_into needs a freshly wrapped model: this one already merged components")
-    ours = aroma.aroma_config.to_dict()
-    for key, value in config.to_dict().items():
+    ours = aroma.aroma_config.hyperparameters()
+    for key, value in config.hyperparameters().items():
         if ours.get(key) != value:
             raise ValueError(f"{directory / ADAPTER_META}: AromaConfig.{key}={value!r} in the file, "
                              f"{ours.get(key)!r} in this model; resume with the same configuration")
-    _check_modules(meta, list(aroma.aroma_layers), directory / ADAPTER_META)
-    checked = {name: _checked_factors(tensors, meta, name, layer.r, layer.in_features, layer.out_features, weights_path)
+    check_modules(meta, list(aroma.aroma_layers), directory / ADAPTER_META)
+    checked = {name: checked_factors(tensors, meta, name, layer.r, layer.in_features, layer.out_features, weights_path)
                for name, layer in aroma.aroma_layers.items()}
-    saved = {key: _expect(tensors, f"modules_to_save.{key}", tuple(p.shape), weights_path)
+    saved = {key: expect_tensor(tensors, f"modules_to_save.{key}", tuple(p.shape), weights_path)
              for key, p in aroma.modules_to_save_state().items()}
-    _apply(aroma, meta, checked, saved)
+    apply_adapter(aroma, meta, checked, saved)
 
 
 def load_controller_state(directory: str | Path) -> dict:

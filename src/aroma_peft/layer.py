@@ -9,6 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dtensor import copy_full_, full_tensor, like
+from .fused import can_fuse, live_linear
+from .seeds import derived_seed
+
 try:  # GPT-2 style Conv1D: y = x @ W + b with W of shape (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
@@ -48,95 +52,6 @@ def base_features(module: nn.Module) -> tuple[int, int]:
     return tuple(module.weight.shape)  # Conv1D: (in, out)
 
 
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed that is a fixed function of integers (same on every process, every run)."""
-    h = 1469598103934665603
-    for part in parts:
-        h = ((h ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) % (1 << 64)
-    return h % (1 << 63)
-
-
-# FSDP2 (``fully_shard``) turns parameters into DTensors, each process holding a shard. These
-# helpers let the layer read whole factors and write whole updates without caring which it has;
-# every process computes the same whole tensor, so each can cut its own shard (no communication).
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: gathered from every shard for a DTensor, ``t`` itself otherwise."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def like(ref: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
-    """``whole`` laid out like ``ref``: cut into ``ref``'s shards when ``ref`` is a DTensor."""
-    whole = whole.to(device=ref.device, dtype=ref.dtype)
-    if not hasattr(ref, "device_mesh"):
-        return whole
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(whole, ref.device_mesh, ref.placements, src_data_rank=None)
-
-
-@torch.no_grad()
-def copy_full_(dst: torch.Tensor, whole: torch.Tensor) -> None:
-    """``dst <- whole`` (``whole`` is the same on every process)."""
-    dst.copy_(like(dst, whole))
-
-
-def _low_rank_product(left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``bias + left @ right`` for ``left`` (N, r) and ``right`` (r, M), written once.
-
-    For r = 1 an elementwise broadcast (``addcmul``) writes the N x M outer product at memory speed;
-    a GEMM with an inner dimension of 1 (``addmm``) was slower on CPU
-    (``benchmarks/results/module_step.md``, components table).
-    """
-    if left.shape[1] == 1:
-        return torch.addcmul(bias, left, right) if bias is not None else left * right
-    return torch.addmm(bias, left, right) if bias is not None else left @ right
-
-
-class _LiveLinear(torch.autograd.Function):
-    """``x W^T + bias + s (x a^T) b^T`` and its gradients in as few passes over memory as possible.
-
-    Used for the common case: an fp32 base layer (merged components already folded into ``W``)
-    whose weight and bias are frozen. Compared with the plain autograd path (which writes the
-    ``N x out`` outer product, scales it, and adds it to the base output; then, backward, writes
-    the ``N x in`` rank-r input gradient and adds it to the base's):
-
-    - forward: the rank-r term is written once, as the GEMM's accumulator (``bias + (s x a^T) b^T``
-      by ``_low_rank_product``, in place of the bias broadcast ``F.linear`` does anyway), then
-      ``out += x W^T`` in place;
-    - backward: the rank-r input gradient ``(s g b) a`` is written once and ``dx += g W`` is
-      accumulated into it in place; the factor gradients are two thin products.
-
-    ``W`` is ``(out, in)`` for ``nn.Linear`` and ``(in, out)`` for GPT-2's ``Conv1D``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scaling: float, conv1d: bool):
-        in_features = a.shape[1]
-        x2 = x.reshape(-1, in_features)
-        us = (x2 @ a.t()) * scaling  # (N, r): the only new activation kept for the backward pass
-        out = _low_rank_product(us, b.t(), bias)
-        out.addmm_(x2, weight if conv1d else weight.t())
-        ctx.save_for_backward(x, weight, a, b, us)
-        ctx.scaling, ctx.conv1d = scaling, conv1d
-        return out.view(*x.shape[:-1], b.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, a, b, us = ctx.saved_tensors
-        g2 = grad_out.reshape(-1, b.shape[0])
-        vs = (g2 @ b) * ctx.scaling  # (N, r)
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _low_rank_product(vs, a)
-            grad_x.addmm_(g2, weight.t() if ctx.conv1d else weight)
-            grad_x = grad_x.view(x.shape)
-        if ctx.needs_input_grad[3]:
-            grad_a = vs.t() @ x.reshape(-1, a.shape[1])
-        if ctx.needs_input_grad[4]:
-            grad_b = g2.t() @ us
-        return grad_x, None, None, grad_a, grad_b, None, None
-
-
 class AromaLinear(nn.Module):
     """``W0 x + bias + s (B_{p-1} A_{p-1}) x + s (b_p a_p) x`` with ``s = alpha / r`` (paper eq. 4).
 
@@ -170,6 +85,8 @@ class AromaLinear(nn.Module):
         self.seed = seed
         self.index = index
         self.active = True  # False once converged (or stopped at T): the live factors are frozen and unused
+        self.disabled = False  # True inside AromaModel.disable_adapter(): the base layer alone (the reference output)
+        self.plain_base = type(base_layer) in SUPPORTED_BASE_LAYERS  # not a subclass (a quantized layer subclasses nn.Linear)
         dev = w.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
@@ -231,36 +148,30 @@ class AromaLinear(nn.Module):
             self.lora_B.grad = None
 
     # ---------------------------------------------------------------- forward
-    # The fused path (``_LiveLinear``) is taken when it computes exactly what the plain path does;
+    # The fused path (``fused.py``) is taken when it computes exactly what the plain path does;
     # set ``fused = False`` on a layer (or the class) to force the plain path.
     fused = True
 
-    def _can_fuse(self, x: torch.Tensor) -> bool:
-        base = self.base_layer
-        w, bias = base.weight, base.bias
-        return (
-            self.fused
-            and self.active
-            and (self.fold_merged or not self.rank)
-            and type(base) in SUPPORTED_BASE_LAYERS  # not a subclass (quantized layers subclass nn.Linear)
-            and x.dtype == w.dtype == torch.float32
-            and not w.requires_grad
-            and (bias is None or not bias.requires_grad)
-            and not hasattr(w, "device_mesh")  # FSDP2 DTensor
-            and not torch.is_autocast_enabled(x.device.type)
-            and not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
-        )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._can_fuse(x):
-            base = self.base_layer
-            return _LiveLinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, self.is_conv1d)
-        out = self.base_layer(x)
+        """Eq. (4): ``W0 x + bias + s (B_{p-1} A_{p-1}) x + s (b_p a_p) x``; x (..., in) -> (..., out).
+
+        With ``disabled`` set (``AromaModel.disable_adapter()``), the base layer's own ``W0 x + bias``.
+        """
+        if can_fuse(self, x):
+            return live_linear(self, x)
+        out = self.base_layer(x)  # W0 x + bias, plus s B_{p-1} A_{p-1} x when the merged components are folded in
+        if self.disabled:
+            if self.rank and self.fold_merged:
+                out = out - self._merged_term(x, out.dtype)
+            return out
         if self.rank and not self.fold_merged:
-            out = out + self.scaling * F.linear(F.linear(x.to(torch.float32), self.merged_A), self.merged_B).to(out.dtype)
+            out = out + self._merged_term(x, out.dtype)
         if self.active:
             out = out + self.scaling * F.linear(F.linear(x.to(torch.float32), self.lora_A), self.lora_B).to(out.dtype)
         return out
+
+    def _merged_term(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.scaling * F.linear(F.linear(x.to(torch.float32), self.merged_A), self.merged_B).to(dtype)
 
     # ---------------------------------------------------------------- the quantities of eqs. (5) and (6)
     def live_norm(self) -> torch.Tensor:
@@ -368,15 +279,35 @@ class AromaLinear(nn.Module):
             self.base_layer.weight.sub_(self._delta_in_weight_layout(self.merged_B, self.merged_A), alpha=self.scaling)
         return self.base_layer
 
+    @torch.no_grad()
+    def load_components(self, b: torch.Tensor, a: torch.Tensor) -> None:
+        """Make ``s b a`` the merged update (``a``: k x in), folded one component at a time as training folds them."""
+        self.original_base_layer()
+        self.merged_A = torch.zeros(0, self.in_features, device=self.merged_A.device, dtype=torch.float32)
+        self.merged_B = torch.zeros(self.out_features, 0, device=self.merged_B.device, dtype=torch.float32)
+        for k in range(0, a.shape[0], self.r):
+            self.append_merged(b[:, k:k + self.r], a[k:k + self.r])
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # The merged buffers grow during training: take the saved shape before copying.
-        for name in ("merged_A", "merged_B"):
-            saved = state_dict.get(prefix + name)
-            if saved is not None and saved.shape != getattr(self, name).shape:
-                setattr(self, name, torch.zeros(saved.shape, dtype=torch.float32, device=getattr(self, name).device))
+        merged_b, merged_a = state_dict.get(prefix + "merged_B"), state_dict.get(prefix + "merged_A")
+        if merged_a is not None and merged_b is not None and prefix + "base_layer.weight" not in state_dict:
+            # An adapter without its base weights (PeftModel.from_pretrained, PeftModel.load_adapter):
+            # its components are folded into this layer's W0 as training folded them.
+            self.load_components(merged_b, merged_a)
+        else:  # a whole state dict, folded weight included: the merged buffers take the saved shape
+            for name, saved in (("merged_A", merged_a), ("merged_B", merged_b)):
+                if saved is not None and saved.shape != getattr(self, name).shape:
+                    setattr(self, name, torch.zeros(saved.shape, dtype=torch.float32, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        active = state_dict.get(prefix + "active")  # written by save_adapter; a loaded model stays as trainable as it was
+        if active is not None:
+            trainable = self.lora_A.requires_grad
+            self.set_active(bool(active))
+            if not trainable:
+                self.lora_A.requires_grad_(False)
+                self.lora_B.requires_grad_(False)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, rank={self.rank}, active={self.active}, fold_merged={self.fold_merged}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,7 +13,9 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import AromaConfig
-from .layer import SUPPORTED_BASE_LAYERS, AromaLinear, unsupported_base_layer
+from .io import (ADAPTER_META, adapter_tensors, apply_adapter, check_modules, checked_factors, expect_tensor, export_lora, read_adapter,
+                 save_adapter)
+from .layer import SUPPORTED_BASE_LAYERS, AromaLinear, base_features, unsupported_base_layer
 
 
 def _matches(name: str, spec) -> bool:
@@ -85,9 +88,16 @@ class AromaModel(nn.Module):
     """A model whose target linears are ``AromaLinear``; everything else is frozen except ``modules_to_save``.
 
     Calls and unknown attributes go to the wrapped model, so it is used like the original one.
+    It is also PEFT's tuner for AROMA: ``peft.get_peft_model(model, AromaConfig(...))`` returns a
+    ``PeftModel`` whose ``base_model`` is an ``AromaModel`` (PEFT passes ``{adapter_name: config}``).
     """
 
-    def __init__(self, model: nn.Module, config: AromaConfig):
+    prefix = "aroma_"  # PEFT's key for this method (register_peft_method); no AROMA tensor name contains it
+    uses_shared_state = False
+
+    def __init__(self, model: nn.Module, config: AromaConfig | dict, adapter_name: str = "default", **peft_options):
+        if isinstance(config, dict):  # PeftModel builds its tuner with {adapter_name: config}
+            config = config[adapter_name]
         wrapped = [n for n, m in model.named_modules() if isinstance(m, AromaLinear)]
         if wrapped:
             raise ValueError(
@@ -95,8 +105,10 @@ class AromaModel(nn.Module):
                 f"{', ...' if len(wrapped) > 3 else ''}): it was wrapped by get_aroma_model before. Wrap the "
                 "original model once; to change the targets, start again from the unwrapped model (unload())")
         super().__init__()
-        self.base_model = model
+        self.model = model  # PEFT's name: a PeftModel's keys are then "base_model.model.<module>", as LoRA's
         self.aroma_config = config
+        self.peft_config = {adapter_name: config}
+        self.active_adapter = adapter_name
         targets = find_target_modules(model, config)
         self.modules_to_save_names = _find_modules_to_save(model, config)
         # unload() gives these back; kept on the CPU, out of the state dict (PEFT keeps the original too).
@@ -108,6 +120,9 @@ class AromaModel(nn.Module):
         for name in self.modules_to_save_names:
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)
+        if config.inference_mode:  # PeftModel.from_pretrained(..., is_trainable=False)
+            for p in self.adapter_parameters():
+                p.requires_grad_(False)
         if getattr(model, "is_gradient_checkpointing", False):
             self._let_gradients_through_checkpoints()
         # Until an AromaController with an optimizer drives the model, any optimizer holding its
@@ -124,7 +139,67 @@ class AromaModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.base_model, name)
+            if name == "model":  # not wrapped yet
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The wrapped model, its target linears replaced by ``AromaLinear``."""
+        return self.model
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model, as ``PeftModel.get_base_model()``."""
+        return self.model
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    # ------------------------------------------------------------------ the reference output
+    @contextmanager
+    def disable_adapter(self):
+        """Within the block, the model computes what the original one did: every adapted linear its
+        ``W0 x + bias``, the ``modules_to_save`` with their weights from before wrapping (the reference
+        output DPO-style training needs). Leave the block before the next optimizer step."""
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+
+    @torch.no_grad()
+    def disable_adapter_layers(self) -> None:
+        """Switch every AROMA layer and ``modules_to_save`` head to the original model (PEFT calls this)."""
+        if any(layer.disabled for layer in self.aroma_layers.values()):
+            return
+        for layer in self.aroma_layers.values():
+            layer.disabled = True
+        self._trained_heads = {k: v.detach().clone() for k, v in self.modules_to_save_state().items()}
+        for key, param in self.modules_to_save_state().items():
+            param.copy_(self._original_heads[key])
+
+    @torch.no_grad()
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers``."""
+        for layer in self.aroma_layers.values():
+            layer.disabled = False
+        for key, param in self.modules_to_save_state().items():
+            param.copy_(self._trained_heads.pop(key, param))
+
+    # ------------------------------------------------------------------ PEFT's state-dict hooks (PEFT >= 0.21)
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """What ``PeftModel.save_pretrained`` writes: the adapter, under the PeftModel's keys."""
+        return adapter_tensors(model.base_model)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        return key  # one adapter: its name is in no key
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        return state_dict
 
     # ------------------------------------------------------------------ training guards
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -200,22 +275,24 @@ class AromaModel(nn.Module):
 
     # ------------------------------------------------------------------ artefacts
     def save_pretrained(self, directory: str | Path, controller=None) -> None:
-        """Write the adapter (safetensors) and its metadata and controller state (JSON) to ``directory``."""
-        from .io import save_adapter
-
+        """Write the adapter (safetensors), its PEFT config, its metadata and controller state (JSON) to
+        ``directory``; ``AromaModel.from_pretrained`` and ``peft.PeftModel.from_pretrained`` load it."""
         save_adapter(self, directory, controller)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> "AromaModel":
-        """Wrap ``model`` (the original base) and load the adapter saved in ``directory``."""
-        from .io import load_adapter
-
-        return load_adapter(model, directory)
+    def from_pretrained(cls, model: nn.Module, directory: str | Path, is_trainable: bool = False) -> "AromaModel":
+        """Wrap ``model`` (the original base) and load the adapter saved in ``directory``; as in PEFT, in
+        eval mode with every adapter parameter frozen unless ``is_trainable``."""
+        aroma = load_adapter(model, directory)
+        if not is_trainable:
+            aroma.aroma_config.inference_mode = True
+            for p in aroma.adapter_parameters():
+                p.requires_grad_(False)
+            aroma.eval()
+        return aroma
 
     def export_lora(self, directory: str | Path) -> None:
         """Write a standard PEFT LoRA adapter that ``peft.PeftModel.from_pretrained(base, directory)`` loads."""
-        from .io import export_lora
-
         export_lora(self, directory)
 
     @torch.no_grad()
@@ -262,6 +339,28 @@ def _watch_optimizers(model: AromaModel) -> None:
     if _optimizer_hook is None:
         _optimizer_hook = register_optimizer_step_pre_hook(_before_any_optimizer_step)
     _uncontrolled.add(model)
+
+
+def load_adapter(model, directory: str | Path):
+    """Wrap ``model`` (the original base) and load an adapter written by ``save_adapter``."""
+    directory = Path(directory)
+    meta, config, tensors, weights_path = read_adapter(directory)
+    # Check every tensor against the model before touching it: a failed load leaves the model as it was.
+    targets = find_target_modules(model, config)
+    check_modules(meta, targets, directory / ADAPTER_META)
+    checked = {}
+    for name in targets:
+        n_in, n_out = base_features(model.get_submodule(name))
+        checked[name] = checked_factors(tensors, meta, name, config.r, n_in, n_out, weights_path)
+    saved = {}
+    for head in _find_modules_to_save(model, config):
+        for pname, param in model.get_submodule(head).named_parameters():
+            key = f"{head}.{pname}"
+            saved[key] = expect_tensor(tensors, f"modules_to_save.{key}", param.shape, weights_path)
+    aroma = AromaModel(model, config)
+    apply_adapter(aroma, meta, checked, saved)
+    return aroma
+
 
 
 def get_aroma_model(model: nn.Module, config: AromaConfig) -> AromaModel:

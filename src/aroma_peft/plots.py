@@ -15,7 +15,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from .io import atomic_write
-from .report import read_run_file
+from .run_files import read_run_file
 
 _LAYER = re.compile(r"\.(\d+)\.")
 MAX_MARKER_AREA = 700.0  # points^2 of the largest rank's circle in Figure 3

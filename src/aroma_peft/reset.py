@@ -6,7 +6,8 @@ from typing import Iterable
 
 import torch
 
-from .layer import derived_seed, like
+from .dtensor import like
+from .seeds import derived_seed
 
 
 @torch.no_grad()

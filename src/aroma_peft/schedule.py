@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from torch.optim.lr_scheduler import LRScheduler
 
-if TYPE_CHECKING:
-    from .controller import AromaController
+
+class Loop(Protocol):
+    """What the schedule reads of the loop that drives it (``AromaController`` is one)."""
+
+    skipping: bool  # the current step was skipped for a non-finite gradient
+
+    def lr_factor(self, step: int) -> float: ...
 
 
 def envelope(step: int, *, max_steps: int, warmup_steps: int, decay: str = "linear", min_lr_ratio: float = 0.0) -> float:
@@ -45,7 +50,7 @@ class AromaLRSchedule(LRScheduler):
     re-applies it right after a merge, so the first step of a new component already warms up.
     """
 
-    def __init__(self, optimizer, controller: "AromaController"):
+    def __init__(self, optimizer, controller: Loop):
         self.controller = controller
         super().__init__(optimizer)
 

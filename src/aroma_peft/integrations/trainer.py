@@ -1,19 +1,28 @@
-"""Hugging Face ``Trainer`` integration: a callback that drives the controller and its schedule.
+"""Hugging Face ``Trainer`` integration: a callback that drives the controller and its schedule, and a
+``Trainer`` that saves the adapter instead of the whole model.
 
     controller = AromaController(model)
     optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=args.learning_rate)
     scheduler = controller.attach_optimizer(optimizer)
-    trainer = Trainer(model=model, args=args, ..., optimizers=(optimizer, scheduler),
-                      callbacks=[AromaCallback(controller)])
+    trainer = AromaTrainer(model=model, args=args, ..., optimizers=(optimizer, scheduler),
+                           callbacks=[AromaCallback(controller)])
     trainer.train()                                     # or trainer.train(resume_from_checkpoint=True)
 """
 
 from __future__ import annotations
 
-from transformers import TrainerCallback
+import os
+import warnings
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ExportableState
+from transformers.utils import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
 from ..controller import AromaController
+from ..io import load_adapter_into
+from ..model import AromaModel
 
 
 class AromaCallback(TrainerCallback, ExportableState):
@@ -74,3 +83,43 @@ class AromaCallback(TrainerCallback, ExportableState):
         if self.controller.step():
             control.should_training_stop = True
         return control
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if any(os.path.isfile(os.path.join(checkpoint, f)) for f in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)):
+            warnings.warn(f"AromaCallback: {checkpoint} holds the whole model, base weights included; use "
+                          "AromaTrainer instead of Trainer to checkpoint the adapter only", RuntimeWarning, stacklevel=2)
+        return control
+
+
+class AromaTrainer(Trainer):
+    """A ``Trainer`` whose checkpoints, ``save_model()`` and ``push_to_hub()`` hold the adapter, not the base model.
+
+    The ``Trainer`` calls ``save_pretrained`` only on a ``PreTrainedModel`` or ``PeftModel`` and writes the
+    whole ``state_dict`` of any other model (every base weight, at each checkpoint). For an ``AromaModel``
+    this one writes ``AromaModel.save_pretrained`` instead (with the ``AromaCallback``'s controller state,
+    ``aroma_controller.json``), and ``resume_from_checkpoint`` loads that adapter back. Any other model is
+    saved and loaded as by ``Trainer``.
+    """
+
+    def _aroma_model(self) -> AromaModel | None:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return model if isinstance(model, AromaModel) else None
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        model = self._aroma_model()
+        if model is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, AromaCallback)]
+        model.save_pretrained(output_dir, controller=callbacks[0].controller if callbacks else None)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        aroma = self._aroma_model() if model is None else model
+        if not isinstance(aroma, AromaModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapter_into(aroma, resume_from_checkpoint)  # the controller comes back in AromaCallback.on_train_begin
