@@ -160,6 +160,45 @@ def test_python_dash_m_help():
     assert out.returncode == 0 and "--eps-out" in out.stdout and "--preset" in out.stdout
 
 
+def test_help_shows_each_options_real_default_and_never_none():
+    """--help used to print "(default: None)" for --lr, whose built-in default is 5e-4."""
+    import dataclasses
+
+    from aroma_peft.cli import METHOD_OPTIONS, RUN_OPTIONS, build_parser
+    from aroma_peft.config import AromaConfig
+    from aroma_peft.methods import MethodOptions
+    from aroma_peft.train import TrainOptions
+
+    glue = build_parser()._subparsers._group_actions[0].choices["train"]._subparsers._group_actions[0].choices["glue"]
+    text = " ".join(glue.format_help().split())
+    assert "(default: None)" not in text
+    assert "--lr LR peak learning rate (built-in default: 0.0005)" in text
+    assert "--eps-out EPS_OUT AROMA outer tolerance, eq. (6) (built-in default: 0.005)" in text
+    assert "--max-inner-steps MAX_INNER_STEPS AROMA T_in (ReLoRA: cycle length) (built-in default: 200)" in text
+    # every flag is a field of the options, and every option a user sets has a flag
+    fields = {f.name for f in dataclasses.fields(TrainOptions) + dataclasses.fields(MethodOptions)}
+    flags = {flag.replace("-", "_") for flag, _ in RUN_OPTIONS + METHOD_OPTIONS}
+    assert flags <= fields
+    assert {f.name for f in dataclasses.fields(MethodOptions)} - flags == {
+        "target_modules", "modules_to_save", "train_heads_after_convergence"}  # the first two have their own flags
+    # one default for AROMA's options: AromaConfig's
+    aroma = {f.name: f.default for f in dataclasses.fields(AromaConfig)}
+    for f in dataclasses.fields(MethodOptions):
+        if f.name in aroma and f.name not in ("target_modules", "modules_to_save"):
+            assert f.default == aroma[f.name], f.name
+
+
+def test_a_flag_takes_its_fields_type(capsys):
+    from aroma_peft.cli import build_parser
+
+    args = build_parser().parse_args(["train", "glue", "--task", "mrpc", "--model", "m", "--max-inner-steps", "30",
+                                      "--eps-in", "0.2", "--reset", "zero"])
+    assert (args.max_inner_steps, args.eps_in, args.reset) == (30, 0.2, "zero")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "glue", "--task", "mrpc", "--model", "m", "--max-inner-steps", "2.5"])
+    assert "--max-inner-steps: invalid int value: '2.5'" in capsys.readouterr().err
+
+
 def test_checkpoint_and_fault_flags_reach_the_options(model_dir, mrpc_dir, tmp_path):
     from aroma_peft.cli import build_parser, train_options_from_args
 

@@ -240,7 +240,7 @@ def test_missing_column(tmp_path):
 
 def test_malformed_json_and_unknown_extension(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"sentence": "s", "label": 0}) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"d\.jsonl, line 2: expected one JSON object per line"):
+    with pytest.raises(ValueError, match=r"d\.jsonl, line 2: not valid JSON"):
         read_split("sst2", tmp_path / "d.jsonl")
     (tmp_path / "d.csv").write_text("sentence,label\n")
     with pytest.raises(ValueError, match=r"d\.csv: unsupported file type '\.csv'"):

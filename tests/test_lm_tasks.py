@@ -233,7 +233,7 @@ def test_rouge_is_rouge_score_itself_and_lead_1_is_the_first_sentence():
 def test_a_bad_jsonl_line_names_the_file_and_the_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"document": "d", "summary": "s"}) + "\n" + json.dumps({"document": "d"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2: summary missing or not a string"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: summary missing or not a string"):
         S.read_jsonl(p)
 
 

@@ -242,20 +242,20 @@ def test_malformed_jsonl_line_is_named(tmp_path):
     run = aroma_run(tmp_path / "aroma")
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 400, "main": 0.9\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl: line 4 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 4: not valid JSON"):
         load_run(run)
-    with pytest.raises(ValueError, match=r"metrics.jsonl: line 4 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 4: not valid JSON"):
         plot_training(run)
 
 
 def test_malformed_json_and_missing_key_are_named(tmp_path):
     run = aroma_run(tmp_path / "aroma")
     (run / "ranks.json").write_text('{"modules": [\n  {"module": "x",\n')
-    with pytest.raises(ValueError, match=r"ranks.json: line 3 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"ranks.json, line 3: not valid JSON"):
         load_run(run)
     (run / "ranks.json").write_text('{"mods": []}')
     with pytest.raises(ValueError, match=r"ranks.json: missing key\(s\) \['modules'\]"):
         write_report(run)
     (run / "metrics.jsonl").write_text('{"step": 1, "main": 0.5}\n[1, 2]\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2: expected a JSON object"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: expected a JSON object"):
         load_run(run)

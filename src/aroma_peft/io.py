@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 
 from .config import AromaConfig
 from .dtensor import copy_full_, full_tensor
-from .layer import base_features
 
 # Format 2 is also a PEFT adapter folder: PEFT's two file names, its "base_model.model." keys.
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -25,28 +25,33 @@ METHODS = ("aroma", "relora", "lora", "dora", "adalora", "full", "bitfit")
 PEFT_METHODS = ("lora", "dora", "adalora")
 
 
+def _aroma(name: str):
+    """AROMA's options have one default, AromaConfig's."""
+    return AromaConfig.__dataclass_fields__[name].default
+
+
 @dataclass
 class MethodOptions:
     """The method-specific options (the rest of the run's options live in ``train.TrainOptions``)."""
 
     target_modules: list[str] | str | None = None  # None: default_target_modules(model)
     modules_to_save: list[str] = field(default_factory=list)
-    r: int = 1  # LoRA/DoRA rank, AdaLoRA target rank, AROMA inner-space rank, ReLoRA rank per cycle
-    alpha: float = 4.0
+    r: int = _aroma("r")  # LoRA/DoRA rank, AdaLoRA target rank, AROMA inner-space rank, ReLoRA rank per cycle
+    alpha: float = _aroma("alpha")
     dropout: float = 0.0
     # AROMA / ReLoRA
-    eps_in: float | None = 0.1
-    eps_out: float | None = 5e-3
-    outer_criterion: str = "weight"  # eq. (6) relative to "weight" (the paper) or to the merged "update"
-    converged_component: str = "discard"  # a converged module's last component: "discard" (the paper) or "merge"
-    check_interval: int = 10
-    max_inner_steps: int = 200
-    restart_warmup_steps: int = 50
+    eps_in: float | None = _aroma("eps_in")
+    eps_out: float | None = _aroma("eps_out")
+    outer_criterion: str = _aroma("outer_criterion")  # eq. (6) relative to "weight" (the paper) or "update"
+    converged_component: str = _aroma("converged_component")  # a converged module's last: "discard" or "merge"
+    check_interval: int = _aroma("check_interval")
+    max_inner_steps: int = _aroma("max_inner_steps")
+    restart_warmup_steps: int = _aroma("restart_warmup_steps")
     # every method: the learning rate's decay after the warmup, to min_lr_ratio x peak at T
-    lr_decay: str = "linear"
-    min_lr_ratio: float = 0.0
-    reset: str = "prune"
-    train_heads_after_convergence: bool = True
+    lr_decay: str = _aroma("lr_decay")
+    min_lr_ratio: float = _aroma("min_lr_ratio")
+    reset: str = _aroma("reset")
+    train_heads_after_convergence: bool = _aroma("train_heads_after_convergence")
     # AdaLoRA
     init_r: int = 12
     tinit: int = 0

@@ -6,6 +6,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from .jsonlines import json_lines
+
 # The keys each file must carry (docs/run_directory.md); for metrics.jsonl, the keys of every line.
 RUN_FILES = {
     "config.json": ("task", "method", "model"),
@@ -34,18 +36,9 @@ def read_run_file(run_dir: str | Path, name: str):
         raise FileNotFoundError(f"{path} not found: is {run_dir} a finished run directory of `aroma train`?")
     text = path.read_text(encoding="utf-8")
     if name.endswith(".jsonl"):
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from None
-            records.append(_check_keys(obj, RUN_FILES[name], f"{path}: line {lineno}"))
-        return records
+        return [_check_keys(obj, RUN_FILES[name], f"{path}, line {n}") for n, obj in json_lines(path, text)]
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: line {err.lineno} is not valid JSON ({err.msg})") from None
+        raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
     return _check_keys(obj, RUN_FILES[name], str(path))

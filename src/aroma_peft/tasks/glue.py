@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..jsonlines import json_lines
+
 BINARY = ("0", "1")
 NLI2 = ("entailment", "not_entailment")
 NLI3 = ("entailment", "neutral", "contradiction")  # the GLUE / Hugging Face order: 0, 1, 2
@@ -182,13 +184,7 @@ def _read_json(spec: GlueTask, path: Path) -> list[Example]:
     if text.lstrip().startswith("["):  # a JSON list of records; otherwise JSON lines
         records = [(f"item {i}", r) for i, r in enumerate(json.loads(text))]
     else:
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append((f"line {number}", json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {number}: expected one JSON object per line ({err})") from None
+        records = [(f"line {number}", r) for number, r in json_lines(path, text)]
     keys = set().union(*(r for _, r in records if isinstance(r, dict))) if records else set()
     return _from_records(spec, path, records, keys)
 

@@ -10,10 +10,10 @@ LEAD-1, the document's first sentence as its summary.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from ..jsonlines import json_lines
 from ..pretrained import CAUSAL_LM, SEQ2SEQ_LM
 from .lm import generate, pad_rows, prompt_target_rows, seq2seq_rows
 
@@ -31,16 +31,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected JSON lines of {{document, summary}})")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {n}: not JSON ({err})") from None
+    for n, row in json_lines(path):
         bad = [f for f in ("document", "summary") if not isinstance(row, dict) or not isinstance(row.get(f), str)]
         if bad:
-            raise ValueError(f"{path}: line {n}: {', '.join(bad)} missing or not a string "
+            raise ValueError(f"{path}, line {n}: {', '.join(bad)} missing or not a string "
                              "(each line needs string fields document and summary)")
         rows.append({"document": row["document"], "summary": row["summary"]})
     if not rows:
