@@ -88,6 +88,39 @@ def test_from_pretrained_loads_in_eval_mode_unless_trainable(tmp_path):
                .adapter_parameters())
 
 
+def test_peft_models_disable_adapter_gives_the_original_output_without_a_warning(recwarn):
+    """PEFT 0.21's PeftModel.disable_adapter() raised TypeError for an out-of-tree tuner."""
+    b = batch("bert")
+    with torch.no_grad():
+        original = tiny_bert()(**b).logits
+    peft_model = get_peft_model(tiny_bert(), config(target_modules=["query", "value"], modules_to_save=["classifier"]))
+    train(peft_model, "bert")
+    with torch.no_grad():
+        trained = peft_model(**b).logits
+        with peft_model.disable_adapter():
+            assert peft_model._adapters_disabled
+            reference = peft_model(**b).logits
+        after = peft_model(**b).logits
+    assert not peft_model._adapters_disabled
+    assert not torch.allclose(trained, original, atol=1e-4)
+    torch.testing.assert_close(reference, original, rtol=0, atol=1e-5)
+    assert torch.equal(after, trained)
+    assert not [w for w in recwarn if "adapter" in str(w.message)]
+
+
+def test_other_peft_models_keep_peft_s_disable_adapter():
+    from peft import LoraConfig
+
+    b = batch("bert")
+    with torch.no_grad():
+        original = tiny_bert()(**b).logits
+    lora = get_peft_model(tiny_bert(), LoraConfig(target_modules=["query"], init_lora_weights=False))
+    with torch.no_grad():
+        assert (lora(**b).logits - original).abs().max() > 1e-6
+        with lora.disable_adapter():
+            assert torch.equal(lora(**b).logits, original)
+
+
 def test_disable_adapter_gives_the_original_output_and_get_base_model_the_wrapped_one():
     b = batch("bert")
     with torch.no_grad():
