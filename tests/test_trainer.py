@@ -71,7 +71,7 @@ def test_trainer_with_another_scheduler_is_refused(tmp_path):
         trainer.train()
 
 
-def resumable_trainer(out, max_steps=45, save_steps=25, poison_step=None):
+def resumable_trainer(out, max_steps=45, save_steps=25, poison_step=None, eval_dataset=None, **args_kw):
     config = AromaConfig(target_modules=["query", "value", "intermediate.dense"], modules_to_save=["classifier"],
                          max_steps=max_steps, check_interval=5, max_inner_steps=10, eps_out=0.05,
                          warmup_steps=4, restart_warmup_steps=2, train_heads_after_convergence=False)
@@ -92,8 +92,8 @@ def resumable_trainer(out, max_steps=45, save_steps=25, poison_step=None):
     scheduler = controller.attach_optimizer(optimizer)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=16, max_steps=max_steps,
                              logging_steps=1, save_strategy="steps", save_steps=save_steps, report_to=[],
-                             use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
-    trainer = AromaTrainer(model=model, args=args, train_dataset=ListDataset(rows(8)),
+                             use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True, **args_kw)
+    trainer = AromaTrainer(model=model, args=args, train_dataset=ListDataset(rows(8)), eval_dataset=eval_dataset,
                            optimizers=(optimizer, scheduler), callbacks=[AromaCallback(controller)])
     return trainer, controller
 
@@ -206,6 +206,26 @@ class TestAdapterCheckpoints:
         files = set(uploaded["someone/aroma-tiny-bert"])
         assert ADAPTER_FILES <= files and not files & BASE_WEIGHTS, files
         assert sum((tmp_path / "run" / f).stat().st_size for f in files) < full_model_bytes(controller.model, tmp_path) / 5
+
+    def test_load_best_model_at_end_loads_the_best_checkpoints_adapter_and_decisions(self, tmp_path):
+        """The Trainer looked for the base model's weight files in the best checkpoint."""
+        # the highest eval loss is the best: an early checkpoint, not the last one
+        trainer, controller = resumable_trainer(tmp_path / "run", max_steps=45, save_steps=10,
+                                                eval_dataset=ListDataset(rows(2)), eval_strategy="steps",
+                                                eval_steps=10, load_best_model_at_end=True,
+                                                metric_for_best_model="loss", greater_is_better=True,
+                                                label_names=["labels"])
+        trainer.train()
+        best = trainer.state.best_model_checkpoint
+        assert best is not None and not best.endswith("checkpoint-45"), best
+        expected = AromaModel.from_pretrained(tiny_bert(), best)
+        assert controller.model.ranks() == expected.ranks() != {n: 0 for n in expected.ranks()}
+        torch.testing.assert_close(logits_of(controller.model), logits_of(expected), rtol=0, atol=1e-6)
+        saved = json.loads((tmp_path / "run" / os.path.basename(best) / "aroma_controller.json").read_text())
+        assert controller.history == saved["history"] and controller.loop.state_dict() == saved["loop"]
+        trainer.save_model(str(tmp_path / "final"))  # the best adapter, with its own decisions
+        again = AromaModel.from_pretrained(tiny_bert(), tmp_path / "final")
+        torch.testing.assert_close(logits_of(again), logits_of(expected), rtol=0, atol=1e-6)
 
     def test_a_plain_trainer_writing_the_whole_model_is_warned_about(self, tmp_path):
         trainer, controller = resumable_trainer(tmp_path, max_steps=6, save_steps=6)

@@ -211,7 +211,7 @@ def checked_factors(tensors: dict, meta: dict, name: str, r: int, n_in: int, n_o
 
 @torch.no_grad()
 def apply_adapter(aroma, meta: dict, checked: dict, saved: dict) -> None:
-    """Write checked tensors into a freshly wrapped ``AromaModel`` (no component merged yet)."""
+    """Write checked tensors into an ``AromaModel`` (its merged components, if any, are replaced)."""
     for name, layer in aroma.aroma_layers.items():
         lora_a, lora_b, merged_a, merged_b = checked[name]
         copy_full_(layer.lora_A, lora_a)
@@ -222,12 +222,14 @@ def apply_adapter(aroma, meta: dict, checked: dict, saved: dict) -> None:
         copy_full_(param, saved[key])
 
 
-def load_adapter_into(aroma, directory: str | Path) -> None:
+def load_adapter_into(aroma, directory: str | Path, replace: bool = False) -> None:
     """Load a saved adapter into ``aroma``, an ``AromaModel`` just built with the same config
-    (to resume a run). Everything is checked before the model is touched."""
+    (to resume a run), or with ``replace`` one that has trained since (its merged components are
+    taken out of W0 and replaced: the best checkpoint at the end of training). Everything is checked
+    before the model is touched."""
     directory = Path(directory)
     meta, config, tensors, weights_path = read_adapter(directory)
-    if any(layer.rank for layer in aroma.aroma_layers.values()):
+    if not replace and any(layer.rank for layer in aroma.aroma_layers.values()):
         raise ValueError("load_adapter_into needs a freshly wrapped model: this one already merged components")
     ours = aroma.aroma_config.hyperparameters()
     for key, value in config.hyperparameters().items():

@@ -21,7 +21,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
 from ..controller import AromaController
-from ..io import load_adapter_into
+from ..io import CONTROLLER_STATE, load_adapter_into, load_controller_state
 from ..model import AromaModel
 
 
@@ -98,8 +98,10 @@ class AromaTrainer(Trainer):
     The ``Trainer`` calls ``save_pretrained`` only on a ``PreTrainedModel`` or ``PeftModel`` and writes the
     whole ``state_dict`` of any other model (every base weight, at each checkpoint). For an ``AromaModel``
     this one writes ``AromaModel.save_pretrained`` instead (with the ``AromaCallback``'s controller state,
-    ``aroma_controller.json``), and ``resume_from_checkpoint`` loads that adapter back. Any other model is
-    saved and loaded as by ``Trainer``.
+    ``aroma_controller.json``), and ``resume_from_checkpoint`` loads that adapter back. With
+    ``load_best_model_at_end`` the best checkpoint's adapter replaces the final one, and the controller
+    takes that checkpoint's state (ranks, history), so what ``save_model()`` writes next is the best
+    adapter with its own decisions. Any other model is saved and loaded as by ``Trainer``.
     """
 
     def _aroma_model(self) -> AromaModel | None:
@@ -123,3 +125,13 @@ class AromaTrainer(Trainer):
         if not isinstance(aroma, AromaModel):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_adapter_into(aroma, resume_from_checkpoint)  # the controller comes back in AromaCallback.on_train_begin
+
+    def _load_best_model(self):
+        aroma = self._aroma_model()
+        if aroma is None:
+            return super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        load_adapter_into(aroma, best, replace=True)
+        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, AromaCallback)]
+        if callbacks and os.path.isfile(os.path.join(best, CONTROLLER_STATE)):
+            callbacks[0].controller.load_state_dict(load_controller_state(best))
