@@ -136,3 +136,37 @@ def test_disable_adapter_gives_the_original_output_and_get_base_model_the_wrappe
     assert not torch.allclose(trained, original, atol=1e-4)
     torch.testing.assert_close(reference, original, rtol=0, atol=1e-5)
     assert torch.equal(after, trained)
+
+
+def test_push_to_hub_uploads_the_adapter_not_the_base_model(tmp_path, monkeypatch):
+    """AromaModel.push_to_hub used to reach the wrapped model's, which uploads every base weight."""
+    import shutil
+
+    import huggingface_hub
+
+    aroma = get_aroma_model(tiny_bert(), config(target_modules=["query", "value"], modules_to_save=["classifier"]))
+    controller = train(aroma, "bert")
+    calls = {}
+
+    class Repo:
+        repo_id = "someone/aroma-tiny"
+
+    def create_repo(repo_id, **kwargs):  # the network is never reached
+        calls["create"] = (repo_id, kwargs)
+        return Repo()
+
+    def upload_folder(repo_id, folder_path, **kwargs):
+        calls["upload"] = repo_id
+        shutil.copytree(folder_path, tmp_path / "uploaded")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    aroma.push_to_hub("someone/aroma-tiny", controller, private=True)
+    assert calls["create"] == ("someone/aroma-tiny", {"private": True, "token": None, "exist_ok": True})
+    assert calls["upload"] == "someone/aroma-tiny"
+    files = {p.name for p in (tmp_path / "uploaded").iterdir()}
+    assert files == {"adapter_model.safetensors", "adapter_config.json", "aroma_adapter.json", "aroma_controller.json"}
+    with torch.no_grad():
+        expected = aroma(**batch("bert")).logits
+        again = AromaModel.from_pretrained(tiny_bert(), tmp_path / "uploaded")(**batch("bert")).logits
+    assert torch.equal(again, expected)

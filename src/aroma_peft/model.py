@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -290,6 +291,18 @@ class AromaModel(nn.Module):
                 p.requires_grad_(False)
             aroma.eval()
         return aroma
+
+    def push_to_hub(self, repo_id: str, controller=None, commit_message: str = "Upload AROMA adapter",
+                    private: bool | None = None, token: str | None = None, **upload_kwargs):
+        """Upload the adapter, the files of ``save_pretrained``, to the Hub repository ``repo_id`` (created if
+        needed); never the base model's weights, which the wrapped model's own ``push_to_hub`` would send."""
+        from huggingface_hub import create_repo, upload_folder
+
+        repo = create_repo(repo_id, private=private, token=token, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, controller)
+            return upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message=commit_message,
+                                 token=token, **upload_kwargs)
 
     def export_lora(self, directory: str | Path) -> None:
         """Write a standard PEFT LoRA adapter that ``peft.PeftModel.from_pretrained(base, directory)`` loads."""
