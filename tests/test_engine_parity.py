@@ -3,7 +3,11 @@
 ``tests/data/engine_reference/`` holds a tiny run's metrics.jsonl, rank history, controller state and
 adapter for AROMA (four merges, freezes) and LoRA r=8, recorded with that commit's ``train.run``
 (``python tests/test_engine_parity.py`` re-records them). A single-process CPU run in fp32 through
-today's engine must reproduce them bit for bit: the GLUE study keeps its finished results comparable.
+today's engine must take the same decisions (every merge, freeze, rank and eval metric, exactly) and
+reproduce every number: bit for bit on the machine that recorded them, and within a relative 1e-3
+on another CPU, whose kernels round reductions differently (on an AVX-512 AMD EPYC: the losses were
+bitwise equal, the eq. (5)/(6) quantities 7e-5 apart and the adapter tensors 5e-5, relative).
+The GLUE study keeps its finished results comparable.
 """
 
 import dataclasses
@@ -17,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 REFERENCE = Path(__file__).parent / "data" / "engine_reference"
+RTOL = 1e-3  # across CPUs; a changed computation moves these numbers by far more (an eval metric by >= 1/96)
 WORDS = "the a cat dog sat ran on under mat log big small red blue quickly slowly".split()
 ADAPTER_FILES = {"aroma": "adapter/aroma_adapter.safetensors", "lora": "adapter/adapter_model.safetensors"}  # as recorded
 
@@ -77,6 +82,23 @@ def record(d: Path) -> None:
             shutil.copy(run / "adapter" / "aroma_controller.json", target / "aroma_controller.json")
 
 
+def assert_same(got, want, where="") -> None:
+    """Equal structure, equal ints, strings and booleans; floats within RTOL of each other."""
+    assert type(got) is type(want) or {type(got), type(want)} <= {int, float}, (where, got, want)
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for k in want:
+            assert_same(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=RTOL, abs=1e-12), where
+    else:
+        assert got == want, where
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("parity")
@@ -89,15 +111,19 @@ def test_the_metrics_and_the_rank_history_are_those_of_the_old_loop(runs, method
     got = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in want] == [5, 10, 15, 20]
-    assert got == want  # train_loss and every eval metric, exactly
-    assert json.loads((run / "rank_history.json").read_text()) == json.loads((ref / "rank_history.json").read_text())
+    assert_same(got, want, "metrics")  # the eval metrics of 96 examples: a changed prediction moves them by 1/96
+    history = json.loads((run / "rank_history.json").read_text())
+    want_history = json.loads((ref / "rank_history.json").read_text())
+    assert history["history"] == want_history["history"]  # every merge and freeze, at the same step
+    assert_same(history, want_history, "rank_history")
 
 
 def test_the_aroma_decisions_are_those_of_the_old_loop(runs):
     got = json.loads((runs["aroma"] / "adapter" / "aroma_controller.json").read_text())
     want = json.loads((REFERENCE / "aroma" / "aroma_controller.json").read_text())
     assert len(want["history"]) > 3  # the reference merged several times
-    assert got == want
+    assert got["history"] == want["history"]  # ranks and trainable counts after every decision
+    assert_same(got, want, "controller")
 
 
 @pytest.mark.parametrize("method", list(ADAPTER_FILES))
@@ -112,7 +138,8 @@ def test_the_adapter_is_bitwise_that_of_the_old_loop(runs, method):
         got = load_file(str(runs[method] / ADAPTER_FILES[method]))
     assert got.keys() == want.keys()
     for key in want:
-        assert torch.equal(got[key], want[key]), key
+        scale = want[key].abs().max().item() if want[key].numel() else 0.0
+        torch.testing.assert_close(got[key], want[key], rtol=RTOL, atol=RTOL * scale, msg=key)
 
 
 if __name__ == "__main__":
