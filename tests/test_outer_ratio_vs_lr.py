@@ -1,0 +1,47 @@
+"""benchmarks/outer_ratio_vs_lr.py: the mean learning-rate factor of each component, against the formula."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("outer_ratio_vs_lr", ROOT / "benchmarks" / "outer_ratio_vs_lr.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(d: Path, decay="linear") -> Path:
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"max_steps": 100, "warmup_steps": 10, "method_options": {
+        "restart_warmup_steps": 5, "lr_decay": decay, "min_lr_ratio": 0.0}}))
+    (d / "rank_history.json").write_text(json.dumps({"modules": ["a", "b"], "history": [], "outer_checks": [
+        {"step": 40, "inner_steps": 40, "modules": [0, 1], "converged": [], "eq6_ratio": [0.02, 0.04]},
+        {"step": 70, "inner_steps": 30, "modules": [0, 1], "converged": [1], "eq6_ratio": [0.01, 0.003]}]}))
+    return d
+
+
+def test_the_mean_factor_of_each_component_is_the_schedules(tmp_path):
+    rows = load().rows(write_run(tmp_path / "run"))
+
+    def factor(s, start, warmup):  # linear decay from step 10 to 0 at step 100; a warmup at each start
+        return min(1.0, (100 - s) / 90) * min(1.0, (s - start + 1) / warmup)
+
+    first = sum(factor(s, 0, 10) for s in range(40)) / 40
+    second = sum(factor(s, 40, 5) for s in range(40, 70)) / 30
+    assert [r["step"] for r in rows] == [40, 70] and [r["converged"] for r in rows] == [0, 1]
+    assert rows[0]["mean_lr_factor"] == pytest.approx(first, rel=1e-12)
+    assert rows[1]["mean_lr_factor"] == pytest.approx(second, rel=1e-12)
+    assert rows[0]["median"] == pytest.approx(0.03) and rows[1]["median"] == pytest.approx(0.0065)
+    assert rows[1]["median_over_lr"] == pytest.approx(0.0065 / second)
+
+
+def test_a_folder_that_is_not_a_run_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load().main([str(tmp_path)])
+    assert f"{tmp_path / 'config.json'}: not found" in capsys.readouterr().err
