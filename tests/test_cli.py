@@ -76,7 +76,7 @@ def test_preset_then_overrides(model_dir, mrpc_dir, tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["preset"] == "small-cpu"
     assert config["method_options"]["eps_out"] == 0.02  # command line beats the preset
-    assert config["method_options"]["max_inner_steps"] == 200  # from the preset
+    assert (config["method_options"]["max_inner_steps"], config["method_options"]["eps_in"]) == (400, 0.05)  # preset
     assert config["max_steps"] == 12 and config["epochs"] is None
 
 
