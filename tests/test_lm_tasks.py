@@ -151,6 +151,34 @@ def test_commonsense_trains_and_scores_per_task(llama_dir, commonsense_dir, tmp_
     assert (tmp_path / "run" / "report.md").is_file()
 
 
+@pytest.mark.parametrize("method", ["aroma", "lora", "full"])
+def test_max_steps_0_is_the_zero_shot_score_of_the_model_as_loaded(llama_dir, commonsense_dir, tmp_path, method):
+    opts = commonsense_options(llama_dir, commonsense_dir, tmp_path / "run", method=method, eval_mode="loglik",
+                               max_steps=0)
+    final = T.run(opts)
+    # the same scores from the model loaded by transformers alone, never wrapped
+    fam = C.CommonsenseFamily(opts)
+    tok = PreTrainedTokenizerFast.from_pretrained(llama_dir)
+    _, splits = fam.read(opts)
+    want = fam.evaluate(LlamaForCausalLM.from_pretrained(llama_dir).eval(), tok, fam.eval_data(tok, splits, 128), 4)
+    assert final["metrics"] == pytest.approx(want, abs=1e-12)
+    assert final["zero_shot"] is True and final["steps"] == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0] and "train_loss" not in records[0]
+
+
+def test_max_steps_0_on_glue_is_refused_before_the_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="head is untrained, so its score would be chance"):
+        T.run(T.TrainOptions(task="mrpc", model=str(tmp_path / "no-model"), max_steps=0, out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_steps_0_with_resume_is_refused(llama_dir, commonsense_dir, tmp_path):
+    with pytest.raises(ValueError, match="nothing to --resume"):
+        T.run(commonsense_options(llama_dir, commonsense_dir, tmp_path / "run", max_steps=0, resume=True))
+    assert not (tmp_path / "run").exists()
+
+
 def test_loglik_picks_the_choice_a_direct_computation_prefers(llama_dir):
     tok, model = word_tokenizer(), LlamaForCausalLM.from_pretrained(llama_dir)
     opts = commonsense_options(llama_dir, "x", "y", eval_mode="loglik")
@@ -193,11 +221,11 @@ def tiny_seq2seq(kind, vocab):
 
 
 def summ_options(model, data, out, **changes):
-    return T.TrainOptions(task="summarization", family="summarization", model=str(model), data_dir=str(data),
-                          out=str(out), max_steps=4, eval_steps=4, batch_size=4, warmup_steps=1, lr=5e-3,
-                          max_seq_len=96, eval_batch_size=4, max_new_tokens=5, progress=False,
-                          method_options=MethodOptions(max_inner_steps=2, check_interval=1,
-                                                       restart_warmup_steps=1), **changes)
+    values = dict(task="summarization", family="summarization", model=str(model), data_dir=str(data), out=str(out),
+                  max_steps=4, eval_steps=4, batch_size=4, warmup_steps=1, lr=5e-3, max_seq_len=96, eval_batch_size=4,
+                  max_new_tokens=5, progress=False,
+                  method_options=MethodOptions(max_inner_steps=2, check_interval=1, restart_warmup_steps=1))
+    return T.TrainOptions(**(values | changes))
 
 
 @pytest.mark.parametrize("kind", ["bart", "t5"])
@@ -211,6 +239,13 @@ def test_seq2seq_summarization_trains_and_reports_rouge(kind, tmp_path):
 def test_decoder_only_summarization_through_a_prompt(llama_dir, tmp_path):
     final = T.run(summ_options(llama_dir, xsum_file(tmp_path / "x.jsonl"), tmp_path / "run", decoder_only=True))
     assert set(final["metrics"]) == {"rouge1", "rouge2", "rougeL"}
+
+
+def test_zero_shot_summarization_is_one_evaluation_at_step_0(llama_dir, tmp_path):
+    final = T.run(summ_options(llama_dir, xsum_file(tmp_path / "x.jsonl"), tmp_path / "run", decoder_only=True,
+                               max_steps=0))
+    assert final["zero_shot"] is True and final["steps"] == 0 and "rouge1" in final["metrics"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0]
 
 
 def test_a_causal_lm_without_decoder_only_is_named(llama_dir, tmp_path):

@@ -23,7 +23,8 @@ RUN_OPTIONS = [
     ("eval-batch-size", "evaluation batch size"),
     ("max-seq-len", "truncate inputs to this many tokens"),
     ("epochs", "training length in epochs (or --max-steps; 3 epochs when neither is given)"),
-    ("max-steps", "training length in optimizer steps: T for AROMA"),
+    ("max-steps", "training length in optimizer steps: T for AROMA (0, commonsense and summarization: "
+                  "evaluate the model as loaded, the zero-shot row)"),
     ("warmup-steps", "first warmup (AROMA: of the first component)"),
     ("weight-decay", "AdamW weight decay"),
     ("eval-steps", "evaluate every this many steps"),

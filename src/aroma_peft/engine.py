@@ -104,6 +104,8 @@ def train_loop(job: Job, state: LoopState) -> tuple[list[float], list[float]]:
     rank, world = acc.process_index, acc.num_processes
     losses, step_times = [], []
     progress = _progress(job.max_steps, state.step, job.progress and acc.is_main_process)
+    if job.max_steps == 0:  # zero-shot: the model as loaded, evaluated once
+        _evaluate_and_record(job, state)
     while state.step < job.max_steps and not state.finished:
         if state.position >= len(state.order):  # a new epoch
             state.order, state.position = torch.randperm(len(job.train_rows), generator=job.data_rng).tolist(), 0

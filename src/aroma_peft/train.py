@@ -91,7 +91,8 @@ _POSITIVE = ("a finite number > 0", lambda v: _is_number(v) and v > 0)
 _NONNEG = ("a finite number >= 0", lambda v: _is_number(v) and v >= 0)
 OPTION_RULES = {
     "lr": _POSITIVE, "batch_size": _POSITIVE_INT, "eval_batch_size": _POSITIVE_INT, "max_seq_len": _POSITIVE_INT,
-    "epochs": _POSITIVE, "max_steps": _POSITIVE_INT, "warmup_steps": _NONNEG_INT, "weight_decay": _NONNEG,
+    "epochs": _POSITIVE, "max_steps": ("an integer >= 0 (0: evaluate the model as loaded, zero-shot)",
+                                       lambda v: _is_int(v) and v >= 0), "warmup_steps": _NONNEG_INT, "weight_decay": _NONNEG,
     "eval_steps": _POSITIVE_INT, "save_steps": _POSITIVE_INT, "max_nonfinite_steps": _NONNEG_INT,
     "seed": _NONNEG_INT, "train_limit": _POSITIVE_INT, "train_limit_seed": _NONNEG_INT, "eval_limit": _POSITIVE_INT,
     "grad_accum": _POSITIVE_INT, "max_new_tokens": _POSITIVE_INT,
@@ -129,6 +130,11 @@ def validate(opts: TrainOptions) -> None:
         validate_option(name, value)
     for name, value in dataclasses.asdict(opts.method_options).items():
         validate_option(name, value)
+    if opts.max_steps == 0 and opts.family == "glue":
+        raise ValueError("--max-steps 0 (zero-shot) needs a language-model task: a GLUE classifier's head is "
+                         "untrained, so its score would be chance; the majority-class floor is in every GLUE report")
+    if opts.max_steps == 0 and opts.resume:
+        raise ValueError("--max-steps 0 evaluates the model as loaded: there is nothing to --resume")
     if opts.resume and opts.method not in ("aroma", "relora"):
         raise ValueError(f"--resume is supported for the aroma and relora methods, not {opts.method!r}")
     if (opts.epochs is None) == (opts.max_steps is None):
@@ -176,8 +182,10 @@ def run(opts: TrainOptions, splits: dict[str, list] | None = None) -> dict:
     if opts.eval_limit:
         eval_splits = {s: ex[:opts.eval_limit] for s, ex in eval_splits.items()}
     steps_per_epoch = math.ceil(len(train_examples) / opts.batch_size)
-    max_steps = opts.max_steps or max(1, round(opts.epochs * steps_per_epoch))
-    warmup = min(opts.warmup_steps, max_steps - 1)
+    max_steps = opts.max_steps if opts.max_steps is not None else max(1, round(opts.epochs * steps_per_epoch))
+    # max_steps 0 (zero-shot): every method starts from the base model's function (LoRA, AROMA and
+    # ReLoRA with B = 0, AdaLoRA with E = 0, full and BitFit untrained), evaluated once at step 0.
+    warmup = max(0, min(opts.warmup_steps, max_steps - 1))
     out = Path(opts.out or f"runs/{opts.task}-{opts.method}-{Path(opts.model).name}")
     definition = run_definition(opts, len(train_examples), max_steps, warmup, _world_size())
     checkpoint = find_checkpoint(out) if opts.resume else None
@@ -194,7 +202,7 @@ def run(opts: TrainOptions, splits: dict[str, list] | None = None) -> dict:
         mopts = dataclasses.replace(mopts, modules_to_save=family.modules_to_save(base))
     if mopts.target_modules is None:
         mopts = dataclasses.replace(mopts, target_modules=family.target_modules(base))
-    method_run = prepare(opts.method, base, mopts, max_steps=max_steps, warmup_steps=warmup, seed=opts.seed)
+    method_run = prepare(opts.method, base, mopts, max_steps=max(1, max_steps), warmup_steps=warmup, seed=opts.seed)
     model = method_run.model
     # Under a launcher: DDP, each process a slice of every (global) batch; every process runs its own
     # controller and takes the same decisions (docs/distributed.md).
@@ -255,6 +263,8 @@ def run(opts: TrainOptions, splits: dict[str, list] | None = None) -> dict:
     }
     if opts.family != "glue":
         final["family"] = opts.family
+    if max_steps == 0:
+        final["zero_shot"] = True
     if main:
         write_results(out, method_run, history, final)
         writer.close()
