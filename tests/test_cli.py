@@ -250,14 +250,15 @@ BASE_FLAGS = {"--task": "mrpc", "--method": "aroma", "--max-steps": "12", "--eva
 @pytest.mark.parametrize("flags, match", [
     ({"--model": "MISSING"}, r"--model {MISSING}: no such folder"),
     ({"--model": "TRUNCATED"}, r"--model {TRUNCATED}: {TRUNCATED}/model.safetensors is not a readable safetensors file"),
-    ({"--max-steps": "0"}, r"--max-steps must be a positive integer, got 0"),
+    ({"--max-steps": "-1"}, r"--max-steps must be an integer >= 0 \(0: evaluate the model as loaded, zero-shot\), got -1"),
+    ({"--max-steps": "0"}, r"--max-steps 0 \(zero-shot\) needs a language-model task: a GLUE classifier's head is untrained"),
     ({"--max-steps": None, "--epochs": "-1"}, r"--epochs must be a finite number > 0, got -1.0"),
     ({"--train-limit": "-5"}, r"--train-limit must be a positive integer, got -5"),
     ({"--eval-limit": "-1"}, r"--eval-limit must be a positive integer, got -1"),
     ({"--eps-out": "-1", "--model": "TRUNCATED"}, r"--eps-out must be a finite number > 0, got -1.0"),
     ({"--eps-out": "-1", "--model": "TRUNCATED", "--preset": "small-cpu"}, r"--eps-out must be a finite number > 0"),
     ({"--lr": "-1e-3"}, r"--lr must be a finite number > 0, got -0.001"),
-], ids=["missing-model", "truncated-weights", "max-steps-0", "epochs-negative", "train-limit-negative",
+], ids=["missing-model", "truncated-weights", "max-steps-negative", "max-steps-0-on-glue", "epochs-negative", "train-limit-negative",
         "eval-limit-negative", "eps-out-before-model", "eps-out-before-preset", "lr-negative-exponent"])
 def test_bad_input_is_named_before_compute_and_changes_nothing(model_dir, mrpc_dir, finished_run, tmp_path,
                                                                 monkeypatch, capsys, flags, match):
