@@ -236,12 +236,22 @@ def load_adapter_into(aroma, directory: str | Path, replace: bool = False) -> No
         if ours.get(key) != value:
             raise ValueError(f"{directory / ADAPTER_META}: AromaConfig.{key}={value!r} in the file, "
                              f"{ours.get(key)!r} in this model; resume with the same configuration")
-    check_modules(meta, list(aroma.aroma_layers), directory / ADAPTER_META)
-    checked = {name: checked_factors(tensors, meta, name, layer.r, layer.in_features, layer.out_features, weights_path)
-               for name, layer in aroma.aroma_layers.items()}
-    saved = {key: expect_tensor(tensors, f"modules_to_save.{key}", tuple(p.shape), weights_path)
-             for key, p in aroma.modules_to_save_state().items()}
+    checked, saved = checked_adapter(
+        meta, tensors, config.r, directory, weights_path,
+        {name: (layer.in_features, layer.out_features) for name, layer in aroma.aroma_layers.items()},
+        {key: tuple(p.shape) for key, p in aroma.modules_to_save_state().items()})
     apply_adapter(aroma, meta, checked, saved)
+
+
+def checked_adapter(meta: dict, tensors: dict, r: int, directory: Path, weights_path, layers: dict, heads: dict):
+    """Every tensor of a read adapter checked against the model, before anything is written into it:
+    ``layers`` maps each adapted module to its (in, out) features, ``heads`` each ``modules_to_save``
+    parameter to its shape. Returns (factors per module, head tensors) for ``apply_adapter``."""
+    check_modules(meta, list(layers), Path(directory) / ADAPTER_META)
+    checked = {name: checked_factors(tensors, meta, name, r, n_in, n_out, weights_path)
+               for name, (n_in, n_out) in layers.items()}
+    saved = {key: expect_tensor(tensors, f"modules_to_save.{key}", shape, weights_path) for key, shape in heads.items()}
+    return checked, saved
 
 
 def load_controller_state(directory: str | Path) -> dict:

@@ -14,8 +14,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import AromaConfig
-from .io import (ADAPTER_META, adapter_tensors, apply_adapter, check_modules, checked_factors, expect_tensor, export_lora, read_adapter,
-                 save_adapter)
+from .io import adapter_tensors, apply_adapter, checked_adapter, export_lora, read_adapter, save_adapter
 from .layer import SUPPORTED_BASE_LAYERS, AromaLinear, base_features, unsupported_base_layer
 
 
@@ -359,21 +358,13 @@ def load_adapter(model, directory: str | Path):
     directory = Path(directory)
     meta, config, tensors, weights_path = read_adapter(directory)
     # Check every tensor against the model before touching it: a failed load leaves the model as it was.
-    targets = find_target_modules(model, config)
-    check_modules(meta, targets, directory / ADAPTER_META)
-    checked = {}
-    for name in targets:
-        n_in, n_out = base_features(model.get_submodule(name))
-        checked[name] = checked_factors(tensors, meta, name, config.r, n_in, n_out, weights_path)
-    saved = {}
-    for head in _find_modules_to_save(model, config):
-        for pname, param in model.get_submodule(head).named_parameters():
-            key = f"{head}.{pname}"
-            saved[key] = expect_tensor(tensors, f"modules_to_save.{key}", param.shape, weights_path)
+    layers = {name: base_features(model.get_submodule(name)) for name in find_target_modules(model, config)}
+    heads = {f"{head}.{pname}": tuple(param.shape) for head in _find_modules_to_save(model, config)
+             for pname, param in model.get_submodule(head).named_parameters()}
+    checked, saved = checked_adapter(meta, tensors, config.r, directory, weights_path, layers, heads)
     aroma = AromaModel(model, config)
     apply_adapter(aroma, meta, checked, saved)
     return aroma
-
 
 
 def get_aroma_model(model: nn.Module, config: AromaConfig) -> AromaModel:

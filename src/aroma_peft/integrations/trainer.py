@@ -108,14 +108,17 @@ class AromaTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         return model if isinstance(model, AromaModel) else None
 
+    def _controller(self) -> AromaController | None:
+        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, AromaCallback)]
+        return callbacks[0].controller if callbacks else None
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         model = self._aroma_model()
         if model is None:
             return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, AromaCallback)]
-        model.save_pretrained(output_dir, controller=callbacks[0].controller if callbacks else None)
+        model.save_pretrained(output_dir, controller=self._controller())
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
@@ -132,6 +135,6 @@ class AromaTrainer(Trainer):
             return super()._load_best_model()
         best = self.state.best_model_checkpoint
         load_adapter_into(aroma, best, replace=True)
-        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, AromaCallback)]
-        if callbacks and os.path.isfile(os.path.join(best, CONTROLLER_STATE)):
-            callbacks[0].controller.load_state_dict(load_controller_state(best))
+        controller = self._controller()
+        if controller is not None and os.path.isfile(os.path.join(best, CONTROLLER_STATE)):
+            controller.load_state_dict(load_controller_state(best))
