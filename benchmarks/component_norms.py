@@ -1,10 +1,16 @@
-"""Per-component quantities of a finished AROMA/ReLoRA run: the norm of each merged component and its eq. (6) ratio.
+"""Per-component quantities of finished runs: how large each rank-one component of the update is.
 
     python benchmarks/component_norms.py RUN_DIR [RUN_DIR...]
 
-For each component k of each module: ||s b_k a_k||_F and ||s b_k a_k||_F / ||W0 + s sum_{j<k} b_j a_j||_F
-(eq. 6 as the controller computed it when component k ended), from the run's adapter and the
-pretrained weights; printed as min / median / max over the modules that have a k-th component.
+A run is an AROMA/ReLoRA run (its ``adapter/`` holds ``merged_A``/``merged_B``) or a LoRA run (a PEFT
+LoRA adapter in ``adapter/``). For component k of each module, with s the adapter's scale:
+
+- ``||s b_k a_k||_F`` and its eq. (6) ratio ``||s b_k a_k||_F / ||W0 + s sum_{j<k} b_j a_j||_F``
+  (what the controller computed when component k ended; for LoRA, k runs over the rank's columns);
+- the factor norms ``||a_k||`` and ``||b_k||``;
+
+printed as min / median / max over the modules that have a k-th component, then the whole update
+``||s B A||_F`` of each module (min / median / max) and its ratio to ``||W0||_F``.
 """
 
 from __future__ import annotations
@@ -17,42 +23,89 @@ from pathlib import Path
 import torch
 
 
-def component_ratios(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
-    from transformers import AutoModelForSequenceClassification
+def run_factors(run_dir: Path) -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
+    """``{module: (s, A [k, in], B [out, k])}`` of the run's adapter (AROMA's merged factors or PEFT's LoRA)."""
+    adapter = run_dir / "adapter"
+    if (adapter / "aroma_adapter.json").is_file():
+        from aroma_peft.io import read_adapter
 
-    config = json.loads((run_dir / "config.json").read_text())
-    from aroma_peft.io import read_adapter
+        meta, config, tensors, _ = read_adapter(adapter)
+        return {m: (config.scaling, tensors[f"{m}.merged_A"], tensors[f"{m}.merged_B"]) for m in meta["modules"]}
+    config_path = adapter / "adapter_config.json"
+    if not config_path.is_file():
+        raise SystemExit(f"{adapter}: neither aroma_adapter.json nor adapter_config.json: not an adapter of a finished run")
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
 
-    meta, _, tensors, _ = read_adapter(run_dir / "adapter")  # format 1 or 2, keyed "{module}.merged_A"
-    s = meta["config"]["alpha"] / meta["config"]["r"]
-    base = AutoModelForSequenceClassification.from_pretrained(config["model"], num_labels=2)
-    modules = dict(base.named_modules())
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "LORA" or config.get("use_rslora") or config.get("use_dora"):
+        raise SystemExit(f"{config_path}: only a plain LoRA adapter (no rsLoRA, no DoRA) is read")
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    tensors = load_file(adapter / "adapter_model.safetensors")
     out = {}
-    for name in meta["modules"]:
-        w = modules[name].weight.detach().double()
-        a, b = tensors[f"{name}.merged_A"].double(), tensors[f"{name}.merged_B"].double()
-        rows = []
-        for k in range(a.shape[0]):
-            comp = s * torch.outer(b[:, k], a[k])
-            rows.append((comp.norm().item(), (comp.norm() / w.norm()).item()))
-            w = w + comp
-        out[name] = rows
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            r = ranks.get(get_pattern_key(ranks, module), config["r"])  # PEFT's own per-module lookup
+            alpha = alphas.get(get_pattern_key(alphas, module), config["lora_alpha"])
+            out[module] = (alpha / r, a, tensors[key.replace(".lora_A.", ".lora_B.")])
     return out
 
 
+def component_rows(factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]],
+                   weights: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Per module: ``components`` (norm, eq. 6 ratio, ||a||, ||b|| of each) and the whole update's norm."""
+    out = {}
+    for name, (s, a, b) in factors.items():
+        w = weights[name].double()
+        a, b = a.double(), b.double()
+        w0 = w.norm().item()
+        rows = []
+        for k in range(a.shape[0]):
+            comp = s * torch.outer(b[:, k], a[k])
+            rows.append({"norm": comp.norm().item(), "ratio": (comp.norm() / w.norm()).item(),
+                         "a": a[k].norm().item(), "b": b[:, k].norm().item()})
+            w = w + comp
+        total = (s * b @ a).norm().item()
+        out[name] = {"components": rows, "total": total, "total_ratio": total / w0}
+    return out
+
+
+def base_weights(run_dir: Path, names) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForSequenceClassification
+
+    config = json.loads((run_dir / "config.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(config["model"], num_labels=2)
+    modules = dict(base.named_modules())
+    return {n: modules[n].weight.detach() for n in names}
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    return " / ".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
+
+
+def table(rows: dict[str, dict]) -> list[str]:
+    depth = max(len(r["components"]) for r in rows.values())
+    lines = ["| component | modules | norm min / median / max | eq. (6) ratio min / median / max "
+             "| norm of a (median) | norm of b (median) |", "|---:|---:|---|---|---:|---:|"]
+    for k in range(depth):
+        have = [r["components"][k] for r in rows.values() if len(r["components"]) > k]
+        lines.append(f"| {k + 1} | {len(have)} | {_spread([c['norm'] for c in have], '.3g')} "
+                     f"| {_spread([c['ratio'] for c in have], '.2e')} "
+                     f"| {statistics.median(c['a'] for c in have):.3g} | {statistics.median(c['b'] for c in have):.3g} |")
+    lines.append(f"| whole update | {len(rows)} | {_spread([r['total'] for r in rows.values()], '.3g')} "
+                 f"| {_spread([r['total_ratio'] for r in rows.values()], '.2e')} | | |")
+    return lines
+
+
 def main(argv: list[str]) -> None:
-    for d in argv:
-        ratios = component_ratios(Path(d))
-        depth = max(len(r) for r in ratios.values())
-        print(f"{d}: {len(ratios)} modules, ranks {sorted(len(r) for r in ratios.values())}")
-        print("| component | modules | norm min / median / max | eq. (6) ratio min / median / max |")
-        print("|---:|---:|---|---|")
-        for k in range(depth):
-            have = [r[k] for r in ratios.values() if len(r) > k]
-            n = [x[0] for x in have]
-            q = [x[1] for x in have]
-            print(f"| {k + 1} | {len(have)} | {min(n):.3g} / {statistics.median(n):.3g} / {max(n):.3g} "
-                  f"| {min(q):.2e} / {statistics.median(q):.2e} / {max(q):.2e} |")
+    for d in map(Path, argv):
+        if not (d / "config.json").is_file():
+            raise SystemExit(f"{d / 'config.json'}: not found (pass a finished run's folder)")
+        factors = run_factors(d)
+        rows = component_rows(factors, base_weights(d, factors))
+        print(f"{d}: {len(rows)} modules, ranks {sorted(len(r['components']) for r in rows.values())}")
+        print("\n".join(table(rows)))
 
 
 if __name__ == "__main__":

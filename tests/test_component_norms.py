@@ -1,0 +1,85 @@
+"""benchmarks/component_norms.py: each component's norm, eq. (6) ratio and factor norms, against numpy."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_bert
+from safetensors.torch import save_file
+
+from aroma_peft import AromaConfig, get_aroma_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("component_norms", ROOT / "benchmarks" / "component_norms.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rows_match_a_numpy_computation():
+    g = np.random.default_rng(0)
+    w0, a, b, s = g.normal(size=(5, 4)), g.normal(size=(3, 4)), g.normal(size=(5, 3)), 2.5
+    rows = load().component_rows({"m": (s, torch.tensor(a), torch.tensor(b))}, {"m": torch.tensor(w0)})["m"]
+    w = w0.copy()
+    for k, row in enumerate(rows["components"]):
+        comp = s * np.outer(b[:, k], a[k])
+        assert row["norm"] == pytest.approx(np.linalg.norm(comp), rel=1e-12)
+        assert row["ratio"] == pytest.approx(np.linalg.norm(comp) / np.linalg.norm(w), rel=1e-12)  # W0 + earlier ones
+        assert (row["a"], row["b"]) == (pytest.approx(np.linalg.norm(a[k])), pytest.approx(np.linalg.norm(b[:, k])))
+        w = w + comp
+    assert rows["total"] == pytest.approx(np.linalg.norm(s * b @ a), rel=1e-12)
+    assert rows["total_ratio"] == pytest.approx(np.linalg.norm(s * b @ a) / np.linalg.norm(w0), rel=1e-12)
+
+
+def test_an_aroma_adapter_and_its_lora_export_give_the_same_update(tmp_path):
+    model = get_aroma_model(tiny_bert(0), AromaConfig(target_modules=["query", "value"], r=1, alpha=4.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.aroma_layers.values():  # two merged components, different per module
+            for _ in range(2):
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+                layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
+                layer.merge_live()
+            layer.lora_B.zero_()  # a fresh live component, as after Merge & Reinit
+    model.save_pretrained(tmp_path / "aroma" / "adapter")
+    model.export_lora(tmp_path / "lora" / "adapter")
+    cn = load()
+    native, exported = cn.run_factors(tmp_path / "aroma"), cn.run_factors(tmp_path / "lora")
+    assert sorted(native) == sorted(exported) == sorted(model.aroma_layers)
+    for name, layer in model.aroma_layers.items():
+        s, a, b = native[name]
+        assert s == 4.0 and a.shape[0] == 2
+        expected = layer.delta_weight().double()  # the layer's own s B A
+        torch.testing.assert_close(s * b.double() @ a.double(), expected, rtol=1e-6, atol=1e-5)  # fp32 layer
+        s2, a2, b2 = exported[name]  # PEFT's alpha_pattern / rank_pattern, read as PEFT reads them
+        torch.testing.assert_close(s2 * b2.double() @ a2.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_a_plain_lora_adapter_is_read_with_peft_scaling(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    a, b = torch.randn(8, 6), torch.randn(7, 8)
+    save_file({"base_model.model.enc.q.lora_A.weight": a, "base_model.model.enc.q.lora_B.weight": b},
+              str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "rank_pattern": {}, "alpha_pattern": {}}
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    s, a_read, b_read = load().run_factors(tmp_path)["enc.q"]
+    assert s == 2.0 and torch.equal(a_read, a) and torch.equal(b_read, b)
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config | {"alpha_pattern": {"q": 32}}))
+    assert load().run_factors(tmp_path)["enc.q"][0] == 4.0  # PEFT's per-module alpha
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    with pytest.raises(SystemExit, match="adapter_config.json: only a plain LoRA adapter"):
+        load().run_factors(tmp_path)
+
+
+def test_a_folder_that_is_not_a_run_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="config.json: not found"):
+        load().main([str(tmp_path)])
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="neither aroma_adapter.json nor adapter_config.json"):
+        load().main([str(tmp_path)])
