@@ -49,6 +49,10 @@ def load_spec(path: Path) -> dict:
     for task, t in spec["tasks"].items():
         if not isinstance(t.get("max_steps"), int) or t["max_steps"] <= 0:
             raise ValueError(f"{path}: tasks.{task}.max_steps must be a positive integer (the budget T)")
+        source = t.get("tune_on")
+        if source is not None and (source == task or source not in spec["tasks"] or "tune_on" in spec["tasks"][source]):
+            raise ValueError(f"{path}: tasks.{task}.tune_on={source!r} must name another task of the spec, one "
+                             "that is tuned itself (without tune_on)")
     for name, arm in spec["arms"].items():
         if "from" in arm:
             if arm["from"] not in spec["arms"] or "from" in spec["arms"][arm["from"]]:
@@ -101,7 +105,7 @@ def make_run(spec: dict, task: str, arm_name: str, trial: dict, seed: int) -> Ru
     arm = spec["arms"][arm_name]
     base = spec["arms"][arm["from"]] if "from" in arm else arm
     t = spec["tasks"][task]
-    values = spec["common"] | {k: v for k, v in t.items() if k != "arms"} | base.get("options", {})
+    values = spec["common"] | {k: v for k, v in t.items() if k not in ("arms", "tune_on")} | base.get("options", {})
     if "from" in arm:
         values |= trial | arm.get("options", {})
     else:
@@ -125,8 +129,13 @@ def final_of(spec: dict, run: Run) -> dict | None:
 
 
 def chosen_trial(spec: dict, task: str, arm_name: str) -> dict | None:
-    """The trial with the best final dev metric at ``tune_seed``; None while a trial is not done."""
+    """The trial with the best final dev metric at ``tune_seed``; None while a trial is not done.
+
+    A task with ``tune_on`` takes the trial chosen on that task (no tuning runs of its own).
+    """
     arm = spec["arms"][arm_name]
+    if "tune_on" in spec["tasks"][task]:
+        return chosen_trial(spec, spec["tasks"][task]["tune_on"], arm_name)
     if "from" in arm:
         return chosen_trial(spec, task, arm["from"])
     best, best_value = None, -math.inf
@@ -146,7 +155,7 @@ def runnable(spec: dict, tasks: list[str], arms: list[str]) -> list[Run]:
     for task in tasks:
         for arm_name in arms:
             arm = spec["arms"][arm_name]
-            if "from" not in arm:
+            if "from" not in arm and "tune_on" not in spec["tasks"][task]:
                 todo += [make_run(spec, task, arm_name, t, spec["tune_seed"]) for t in trials(arm)]
             chosen = chosen_trial(spec, task, arm_name)
             if chosen is not None:
@@ -279,6 +288,9 @@ def write_report(spec: dict) -> Path:
             budget += f", a training subset of {t['train_limit']} examples (drawn with the run's seed)"
         if floor is not None:
             budget += f". Majority class (the floor): {main} {100 * floor:.2f}"
+        if t.get("tune_on"):
+            budget += (f". Not tuned on {task}: every arm runs the trial chosen on {t['tune_on']} "
+                       f"(seed {spec['tune_seed']}), with {task}'s budget")
         lines += [f"## {task.upper()}", "", budget + ".", ""]
         lines += ["| arm | chosen trial | final " + main + " | peak | trainable (initial / mean / final) | total rank "
                   "(per module min / median / max) | eff. rank | steps | wall s |",
@@ -301,7 +313,7 @@ def write_report(spec: dict) -> Path:
                 f"| {statistics.mean(r['steps'] for r in chosen):.0f} | {statistics.mean(r['wall_time_s'] for r in chosen):.0f} |")
         pending = []
         for arm in spec["arms"]:
-            if chosen_trial(spec, task, arm) is None and "from" not in spec["arms"][arm]:
+            if chosen_trial(spec, task, arm) is None and "from" not in spec["arms"][arm] and "tune_on" not in t:
                 all_trials = trials(spec["arms"][arm])
                 done = sum(final_of(spec, make_run(spec, task, arm, t, spec["tune_seed"])) is not None for t in all_trials)
                 if done:

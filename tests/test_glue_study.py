@@ -90,5 +90,33 @@ def test_a_bad_spec_names_the_field(study, tmp_path):
         study.load_spec(path)
 
 
+def test_a_task_tuned_on_another_runs_only_the_seeds_of_that_tasks_choice(study, tmp_path):
+    spec = {"model": "m", "data_dir": "d", "results": str(tmp_path / "results"), "work": str(tmp_path / "work"),
+            "seeds": [0, 1], "tasks": {"mrpc": {"max_steps": 10}, "rte": {"max_steps": 20, "tune_on": "mrpc"}},
+            "arms": {"lora": {"method": "lora", "grid": {"lr": [1e-4, 5e-3]}},
+                     "no-reset": {"from": "lora", "options": {"reset": "none"}}}}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    spec = study.load_spec(path)
+    keys = lambda runs: sorted(r.key for r in runs)  # noqa: E731
+    assert all(r.task == "mrpc" for r in study.runnable(spec, ["mrpc", "rte"], ["lora", "no-reset"]))  # rte waits
+    for lr, acc in ((1e-4, 0.6), (5e-3, 0.7)):  # mrpc's tuning finishes: lr 5e-3 wins
+        run = study.make_run(spec, "mrpc", "lora", {"lr": lr}, 0)
+        study.summary_dir(spec, run).mkdir(parents=True)
+        (study.summary_dir(spec, run) / "final_metrics.json").write_text(
+            json.dumps({"main_metric": "accuracy", "metrics": {"accuracy": acc}}))
+    rte = [r for r in study.runnable(spec, ["rte"], ["lora", "no-reset"])]
+    assert [(r.arm, r.trial, r.seed) for r in rte] == [("lora", {"lr": 5e-3}, 0), ("lora", {"lr": 5e-3}, 1),
+                                                       ("no-reset", {"lr": 5e-3}, 0), ("no-reset", {"lr": 5e-3}, 1)]
+    assert all(r.options["max_steps"] == 20 and "tune_on" not in r.options for r in rte)  # rte's own budget
+    assert keys(study.runnable(spec, ["rte"], ["lora"])) == keys(rte[:2])
+    for bad in ("rte", "qnli", "mrpc"):  # itself, not a task of the spec, a task that is itself tuned on another
+        tasks = {"mrpc": {"max_steps": 10, **({"tune_on": "rte"} if bad == "mrpc" else {})},
+                 "rte": {"max_steps": 20, "tune_on": bad}}
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"tasks": tasks}))
+        with pytest.raises(ValueError, match=f"tasks.(rte|mrpc).tune_on=.* must name another task"):
+            study.load_spec(path)
+
+
 def test_fractions_of_T_become_step_counts(study):
     assert study.resolve({"max_inner_steps": "0.125*T", "lr": 1e-3}, 920) == {"max_inner_steps": 115, "lr": 1e-3}
