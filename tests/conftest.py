@@ -1,8 +1,21 @@
 """Shared fixtures: a tiny random-initialized transformer (no download) and a learnable synthetic task."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/{name}.py`` as a module (registered in sys.modules, as dataclasses need)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_bert(seed: int = 0, dtype=torch.float32) -> BertForSequenceClassification:

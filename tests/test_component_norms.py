@@ -1,25 +1,18 @@
 """benchmarks/component_norms.py: each component's norm, eq. (6) ratio and factor norms, against numpy."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import load_benchmark, tiny_bert
 from safetensors.torch import save_file
 
 from aroma_peft import AromaConfig, get_aroma_model
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def load():
-    spec = importlib.util.spec_from_file_location("component_norms", ROOT / "benchmarks" / "component_norms.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("component_norms")
 
 
 def test_rows_match_a_numpy_computation():

@@ -1,26 +1,17 @@
 """benchmarks/glue_study.py: tuning then seeds, ablation arms, skipping what is done, the report."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 from test_cli import model_dir, mrpc_dir  # noqa: F401  (fixtures: a tiny BERT with tokenizer, MRPC files)
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("glue_study", ROOT / "benchmarks" / "glue_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["glue_study"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("glue_study")
 
 
-def write_spec(tmp_path, model_dir, mrpc_dir) -> Path:
+def write_spec(tmp_path, model_dir, mrpc_dir):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "mrpc").symlink_to(mrpc_dir)
     spec = {

@@ -1,19 +1,14 @@
 """benchmarks/outer_ratio_vs_lr.py: the mean learning-rate factor of each component, against the formula."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import load_benchmark
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("outer_ratio_vs_lr", ROOT / "benchmarks" / "outer_ratio_vs_lr.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("outer_ratio_vs_lr")
 
 
 def write_run(d: Path, decay="linear") -> Path:
