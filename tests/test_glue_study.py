@@ -105,7 +105,7 @@ def test_a_task_tuned_on_another_runs_only_the_seeds_of_that_tasks_choice(study,
         tasks = {"mrpc": {"max_steps": 10, **({"tune_on": "rte"} if bad == "mrpc" else {})},
                  "rte": {"max_steps": 20, "tune_on": bad}}
         path.write_text(json.dumps(json.loads(path.read_text()) | {"tasks": tasks}))
-        with pytest.raises(ValueError, match=f"tasks.(rte|mrpc).tune_on=.* must name another task"):
+        with pytest.raises(ValueError, match=r"tasks.(rte|mrpc).tune_on=.* must name another task"):
             study.load_spec(path)
 
 
