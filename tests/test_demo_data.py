@@ -84,3 +84,27 @@ def test_the_demo_summarises_what_aroma_decided(tmp_path):
     assert "4 modules stopped at ranks 1 to 3 (median 2, total 8)" in text
     assert "before T=300: 1 at step 200, 2 at step 270" in text
     assert "4,000 at step 0 -> 2,000 at step 200 -> 770 at step 270" in text
+
+
+def _final(d: Path, acc: float, initial: int, majority: float = 0.548) -> Path:
+    d.mkdir()
+    (d / "final_metrics.json").write_text(json.dumps({
+        "task": "privacy_qa", "method": d.name, "main_metric": "accuracy", "metrics": {"accuracy": acc},
+        "majority_baseline": {"accuracy": majority}, "trainable_params": {"initial": initial, "mean": initial,
+                                                                           "final": initial}, "steps": 300,
+        "model": "m", "total_rank": 1, "stopped_early": False, "wall_time_s": 1.0, "mean_step_time_s": 0.1}))
+    return d
+
+
+@pytest.mark.parametrize("aroma, lora, says", [
+    (0.6242, 0.6358, "(-1.16 points), with 12.7 % of its initial trainable parameters: NOT within the demo's aim"),
+    (0.6300, 0.6358, "(-0.58 points), with 12.7 % of its initial trainable parameters: within the demo's aim"),
+    (0.6500, 0.6358, "(+1.42 points)"),
+    (0.5500, 0.6358, "AROMA at the majority-class floor (54.80): a failure to learn"),
+])
+def test_the_demo_says_whether_aroma_reached_its_aim(tmp_path, aroma, lora, says):
+    from aroma_peft.demo import verdict
+
+    text = verdict(_final(tmp_path / "aroma", aroma, 42242), _final(tmp_path / "lora", lora, 332546))
+    assert says in text
+    assert text.startswith(f"AROMA {100 * aroma:.2f} against LoRA r=8 {100 * lora:.2f}")

@@ -119,13 +119,33 @@ def run_demo(out: Path, max_steps: int | None = None) -> str:
         run(opts, splits)
     table = compare_runs([out / m for m in DEMO_METHODS])
     wall = time.perf_counter() - started
-    text = (f"{table}\n{aroma_behaviour(out / 'aroma')}\n\nPrivacy-Policy QA, {len(splits['dev'])} dev questions on "
+    text = (f"{table}\n{aroma_behaviour(out / 'aroma')}\n{verdict(out / 'aroma', out / 'lora')}\n\nPrivacy-Policy QA, {len(splits['dev'])} dev questions on "
             f"held-out passages, MiniLM-L6 encoder, {steps} steps of {DEMO['batch_size']}; total wall time {wall:.0f} s. "
             "At this budget neither method has converged; docs/study.md compares them where they have.\n")
     (out / "results.md").write_text(text)
     print(text)
     print(f"runs, figures and reports: {out}/aroma, {out}/lora (report.md, figures/*.png)")
     return text
+
+
+def verdict(aroma_dir: Path, lora_dir: Path, points: float = 1.0) -> str:
+    """Does AROMA reach the demo's aim: within ``points`` of LoRA r=8 (or better), above the floor?"""
+    from .run_files import read_run_file
+
+    a, lo = read_run_file(aroma_dir, "final_metrics.json"), read_run_file(lora_dir, "final_metrics.json")
+    main = a["main_metric"]
+    score, ref = 100 * a["metrics"][main], 100 * lo["metrics"][main]
+    floor = 100 * a["majority_baseline"][main]
+    share = 100 * a["trainable_params"]["initial"] / lo["trainable_params"]["initial"]
+    gap = score - ref
+    text = (f"AROMA {score:.2f} against LoRA r=8 {ref:.2f} ({gap:+.2f} points), with {share:.1f} % of its initial "
+            f"trainable parameters: ")
+    text += f"within the demo's aim of {points:g} point" if gap >= -points else f"NOT within the demo's aim of {points:g} point"
+    at_floor = [name for name, v in (("AROMA", score), ("LoRA r=8", ref)) if v <= floor + 1.0]
+    if at_floor:
+        text += (f"; {' and '.join(at_floor)} at the majority-class floor ({floor:.2f}): a failure to learn, "
+                 "not a comparison")
+    return text + "."
 
 
 def aroma_behaviour(run_dir: Path) -> str:
