@@ -111,3 +111,20 @@ def test_a_task_tuned_on_another_runs_only_the_seeds_of_that_tasks_choice(study,
 
 def test_fractions_of_T_become_step_counts(study):
     assert study.resolve({"max_inner_steps": "0.125*T", "lr": 1e-3}, 920) == {"max_inner_steps": 115, "lr": 1e-3}
+
+
+@pytest.mark.parametrize("task", ["mrpc", "rte", "sst2", "cola"])
+@pytest.mark.parametrize("arm, method", [("aroma", "aroma"), ("lora-r8", "lora")])
+def test_the_small_cpu_presets_are_the_studys_choices(study, task, arm, method):
+    """The small-cpu preset of each studied task is the trial the committed study chose, at its budget."""
+    from aroma_peft.presets import SMALL_CPU
+
+    spec = study.load_spec(study.ROOT / "benchmarks" / "studies" / "minilm_glue.json")
+    trial = study.chosen_trial(spec, task, arm)
+    assert trial is not None, f"the study has not chosen a trial of {arm} on {task}"
+    run = study.make_run(spec, task, arm, trial, spec["tune_seed"])
+    defaults = {"lr_decay": "linear", "min_lr_ratio": 0.0}  # what a run without them uses
+    preset = SMALL_CPU[task][method]
+    got = {k: preset[k] for k in preset}
+    want = {k: run.options.get(k, defaults.get(k)) for k in preset}
+    assert got == want
