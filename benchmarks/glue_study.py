@@ -470,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs that would start now")
     parser.add_argument("--report", action="store_true", help="only rewrite the tables and figures")
+    parser.add_argument("--max-runs", type=int, help="start at most this many runs, then stop once they end "
+                        "(to interleave arms in a session of limited length)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     spec = load_spec(args.spec)
@@ -496,19 +498,23 @@ def main(argv: list[str] | None = None) -> int:
         for run in runnable(spec, tasks, arms):
             print(run.key, json.dumps(run.options, sort_keys=True))
         return 0
+    if args.max_runs is not None and args.max_runs < 1:
+        parser.error(f"--max-runs must be at least 1, got {args.max_runs}")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     log_dir = ROOT / spec["work"] / "logs"
     failed: set[str] = set()
+    started = 0
     with ThreadPoolExecutor(args.jobs) as pool:
         running = {}
         while True:
             busy = {r.key for r in running.values()}
             for run in runnable(spec, tasks, arms):
-                if len(running) >= args.jobs:
+                if len(running) >= args.jobs or (args.max_runs is not None and started >= args.max_runs):
                     break
                 if run.key not in busy and run.key not in failed:
                     running[pool.submit(launch, args.spec, run, threads, log_dir)] = run
                     busy.add(run.key)
+                    started += 1
                     print(f"start {run.key}", flush=True)
             if not running:
                 break

@@ -128,3 +128,14 @@ def test_the_small_cpu_presets_are_the_studys_choices(study, task, arm, method):
     got = {k: preset[k] for k in preset}
     want = {k: run.options.get(k, defaults.get(k)) for k in preset}
     assert got == want
+
+
+def test_max_runs_starts_that_many_and_the_next_call_goes_on(study, model_dir, mrpc_dir, tmp_path):  # noqa: F811
+    path = write_spec(tmp_path, model_dir, mrpc_dir)
+    done = lambda: sorted(p.parent.name for p in (tmp_path / "results" / "runs").glob("mrpc/aroma/*/study_run.json"))
+    assert study.main([str(path), "--arms", "aroma", "--jobs", "2", "--threads", "1", "--max-runs", "1"]) == 0
+    assert [d[-3:] for d in done()] == ["-s0"]  # one run, though two could run at once
+    assert study.main([str(path), "--arms", "aroma", "--jobs", "2", "--threads", "1", "--max-runs", "1"]) == 0
+    assert [d[-3:] for d in done()] == ["-s0", "-s1"]
+    with pytest.raises(SystemExit):
+        study.main([str(path), "--max-runs", "0"])
