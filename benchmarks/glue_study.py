@@ -474,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(to interleave arms in a session of limited length)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.max_runs is not None and args.max_runs < 1:
+        parser.error(f"--max-runs must be at least 1, got {args.max_runs}")
     spec = load_spec(args.spec)
     spec["spec_path"] = str(args.spec)
     if args.run_one:
@@ -498,8 +500,6 @@ def main(argv: list[str] | None = None) -> int:
         for run in runnable(spec, tasks, arms):
             print(run.key, json.dumps(run.options, sort_keys=True))
         return 0
-    if args.max_runs is not None and args.max_runs < 1:
-        parser.error(f"--max-runs must be at least 1, got {args.max_runs}")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     log_dir = ROOT / spec["work"] / "logs"
     failed: set[str] = set()

@@ -25,7 +25,7 @@ def test_a_bf16_base_keeps_float32_adapters_and_trains(st, variant):
     v.step(batch, record=True)
     v.step(batch, record=True)
     assert len(v.times["step"]) == 2 and all(t > 0 for t in v.times["step"])
-    # The adapters moved (b starts at 0, so after two steps of AdamW at lr 1e-4 both factors have).
+    # The adapters moved (b starts at 0; after two AdamW steps the trained factors have moved).
     assert any(not torch.equal(a, b) for a, b in zip(before, trained))
     assert all(torch.isfinite(p).all() for p in trained)
 
