@@ -16,6 +16,7 @@ RESET_MODES = ("prune", "zero", "none")
 OUTER_CRITERIA = ("weight", "update")
 LR_DECAYS = ("linear", "cosine")
 CONVERGED_COMPONENT = ("discard", "merge")
+REINIT_MODES = ("kaiming", "gradient")
 
 TargetModules = Union[str, tuple[str, ...]]
 
@@ -76,6 +77,10 @@ class AromaConfig(PeftConfig):
         reset: optimizer reset after a merge: ``"prune"`` (zero a random ``prune_ratio`` of the
             moments, the paper), ``"zero"`` (all of them) or ``"none"`` (ablation, Table 5).
         prune_ratio: fraction of moments zeroed by ``"prune"`` (0.999 in the paper).
+        reinit: the new ``a`` at each Merge & Reinit: ``"kaiming"`` (Kaiming uniform, as LoRA's A:
+            the paper) or ``"gradient"`` (the top right singular vector(s) of the module's weight
+            gradient over the last ``check_interval`` steps, at the Kaiming draw's norm; LoRA-GA's
+            idea, see ``grad_sketch.py`` and docs/algorithm.md). The first component is Kaiming in both.
         train_heads_after_convergence: when every adapted module has converged before T and
             ``modules_to_save`` is not empty, keep training those heads alone until T instead of
             stopping (see docs/algorithm.md).
@@ -103,6 +108,7 @@ class AromaConfig(PeftConfig):
     min_lr_ratio: float = 0.0
     reset: str = "prune"
     prune_ratio: float = 0.999
+    reinit: str = "kaiming"
     train_heads_after_convergence: bool = True
     seed: int = 0
     max_nonfinite_steps: int = 10
@@ -169,6 +175,8 @@ class AromaConfig(PeftConfig):
             _fail("min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         if self.reset not in RESET_MODES:
             _fail("reset", self.reset, f"one of {RESET_MODES}")
+        if self.reinit not in REINIT_MODES:
+            _fail("reinit", self.reinit, f"one of {REINIT_MODES}")
         if isinstance(self.prune_ratio, bool) or not isinstance(self.prune_ratio, (int, float)) \
                 or not 0.0 < self.prune_ratio <= 1.0:
             _fail("prune_ratio", self.prune_ratio, "a number in (0, 1]")

@@ -21,6 +21,7 @@ import torch
 
 from .dual_loop import Decision, DualLoop
 from .faults import NonFiniteGuard
+from .grad_sketch import GradientSketch
 from .model import AromaModel
 from .reset import drop_optimizer_state, reset_optimizer_state
 from .schedule import AromaLRSchedule, lr_factor
@@ -56,6 +57,10 @@ class AromaController:
                              max_inner_steps=config.max_inner_steps, eps_out=config.eps_out,
                              max_steps=self.max_steps, stop_when_converged=not heads_remain,
                              merge_converged=config.converged_component == "merge")
+        if config.reinit == "gradient":  # each layer's weight gradient, sketched, for its next a
+            for i, layer in enumerate(self.layers):
+                layer.grad_sketch = GradientSketch(layer.in_features, layer.out_features, layer.r, config.seed, i,
+                                                   device=layer.lora_A.device)
         self.history: list[dict] = []
         # One entry per inner-loop end: its length and, per module checked, eq. (5)'s last change and
         # eq. (6)'s ratio (the per-component quantities to look at when a run surprises).
@@ -122,14 +127,26 @@ class AromaController:
     def step(self) -> bool:
         """Call once after every ``optimizer.step()``. Returns True when training is finished."""
         self._unchecked_optimizer_steps = 0
+        sketches = self.sketches
         if self.skipping:
             self.skipping = False
+            for sketch in sketches:
+                sketch.discard()
             return self.finished
+        for sketch in sketches:
+            sketch.commit()
         decision = self.loop.step(self._norms, self._ratios)
         if decision.inner_end:
             self._record_outer_check(decision)
         self._apply(decision)
+        if decision.checked or decision.inner_end:  # the window of reinit="gradient": since the last check
+            for sketch in sketches:
+                sketch.clear()
         return decision.finished
+
+    @property
+    def sketches(self) -> list[GradientSketch]:
+        return [layer.grad_sketch for layer in self.layers if layer.grad_sketch is not None]
 
     def _stacked(self, values: list[torch.Tensor]) -> list[float]:
         # One host synchronization for all modules, and only at check steps.
@@ -170,7 +187,7 @@ class AromaController:
         for i in d.merged:
             layer = self.layers[i]
             layer.merge_live()
-            layer.reinit_live()
+            layer.reinit_live(self._gradient_direction(i))
             if self.optimizer is not None:
                 reset_optimizer_state(self.optimizer, [layer.lora_A, layer.lora_B], mode=self.config.reset,
                                       prune_ratio=self.config.prune_ratio,
@@ -187,6 +204,19 @@ class AromaController:
             self.scheduler.refresh()
         if d.changed:
             self._record()
+
+    def _gradient_direction(self, i: int) -> torch.Tensor | None:
+        """``reinit="gradient"``: the top right singular vector(s) of module ``i``'s sketched weight gradient."""
+        layer = self.layers[i]
+        if layer.grad_sketch is None:
+            return None
+        direction = layer.grad_sketch.top_right(layer.r)
+        if direction is None:
+            raise RuntimeError(
+                f"AromaController: reinit='gradient' found no finite weight gradient of {self.names[i]} in the "
+                f"steps before the merge at step {self.loop.step_count}: its backward pass did not run through the "
+                "layer's forward (a compiled or checkpointed forward that drops tensor hooks?)")
+        return direction
 
     # ------------------------------------------------------------------ introspection
     def _record(self) -> None:
@@ -234,9 +264,13 @@ class AromaController:
 
     # ------------------------------------------------------------------ serialization
     def state_dict(self) -> dict:
-        """JSON-serializable state: the dual loop, T, the module names and the history."""
-        return {"loop": self.loop.state_dict(), "max_steps": self.max_steps, "modules": self.names,
-                "history": self.history, "outer_checks": self.outer_checks, "nonfinite": self.nonfinite.state_dict()}
+        """The dual loop, T, the module names and the history (JSON types), and with ``reinit="gradient"``
+        each module's gradient sketch under ``"grad_sketch"`` (tensors; ``save_adapter`` writes them apart)."""
+        state = {"loop": self.loop.state_dict(), "max_steps": self.max_steps, "modules": self.names,
+                 "history": self.history, "outer_checks": self.outer_checks, "nonfinite": self.nonfinite.state_dict()}
+        if self.sketches:
+            state["grad_sketch"] = {name: layer.grad_sketch.state_dict() for name, layer in zip(self.names, self.layers)}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a saved state; the model's layers must already hold the matching adapter."""
@@ -248,6 +282,13 @@ class AromaController:
         self.history = list(state["history"])
         self.outer_checks = list(state.get("outer_checks", []))
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+        if self.sketches:
+            saved = state.get("grad_sketch")
+            if saved is None:
+                raise ValueError("controller state has no gradient sketches, and this run re-initializes from the "
+                                 "gradient (reinit='gradient'): it was saved by a run with reinit='kaiming'")
+            for name, layer in zip(self.names, self.layers):
+                layer.grad_sketch.load_state_dict({k: torch.as_tensor(v) for k, v in saved[name].items()})
         for layer, m in zip(self.layers, self.loop.modules):
             layer.set_active(m.active)
         self._unchecked_optimizer_steps = 0

@@ -22,6 +22,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 ADAPTER_META = "aroma_adapter.json"
 CONTROLLER_STATE = "aroma_controller.json"
+CONTROLLER_TENSORS = "aroma_controller.safetensors"  # reinit="gradient": the gradient sketches
 FORMAT_VERSION = 2
 V1_WEIGHTS = "aroma_adapter.safetensors"  # format 1: keys "{module}.lora_A", "modules_to_save.{param}"
 PEFT_KEY_PREFIX = "base_model.model."
@@ -149,7 +150,12 @@ def save_adapter(model, directory: str | Path, controller=None) -> None:
         or getattr(base_config, "_name_or_path", None) or None, "inference_mode": True}
     write_json(directory / PEFT_CONFIG, peft_config)
     if controller is not None:
-        write_json(directory / CONTROLLER_STATE, controller.state_dict())
+        state = controller.state_dict()
+        sketches = state.pop("grad_sketch", None)
+        if sketches:
+            atomic_write(directory / CONTROLLER_TENSORS, lambda p: save_file(
+                {f"{name}.{key}": value.contiguous() for name, s in sketches.items() for key, value in s.items()}, str(p)))
+        write_json(directory / CONTROLLER_STATE, state)
     write_json(directory / ADAPTER_META, {
         "format_version": FORMAT_VERSION,
         "config": model.aroma_config.hyperparameters(),
@@ -256,7 +262,15 @@ def checked_adapter(meta: dict, tensors: dict, r: int, directory: Path, weights_
 
 def load_controller_state(directory: str | Path) -> dict:
     """The controller state saved beside an adapter (pass it to ``AromaController.load_state_dict``)."""
-    return read_json(Path(directory) / CONTROLLER_STATE)
+    state = read_json(Path(directory) / CONTROLLER_STATE)
+    path = Path(directory) / CONTROLLER_TENSORS
+    if path.is_file():  # reinit="gradient": each module's gradient sketch, keyed "{module}.{y,z,steps}"
+        sketches: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in _read_safetensors(path).items():
+            name, _, part = key.rpartition(".")
+            sketches.setdefault(name, {})[part] = value
+        state["grad_sketch"] = sketches
+    return state
 
 
 # ---------------------------------------------------------------------- optimizer and schedule (resume)

@@ -85,6 +85,7 @@ class AromaLinear(nn.Module):
         self.seed = seed
         self.index = index
         self.active = True  # False once converged (or stopped at T): the live factors are frozen and unused
+        self.grad_sketch = None  # a GradientSketch when AromaConfig.reinit == "gradient" (the controller sets it)
         self.disabled = False  # True inside AromaModel.disable_adapter(): the base layer alone (the reference output)
         self.plain_base = type(base_layer) in SUPPORTED_BASE_LAYERS  # not a subclass (a quantized layer subclasses nn.Linear)
         dev = w.device
@@ -158,7 +159,7 @@ class AromaLinear(nn.Module):
         With ``disabled`` set (``AromaModel.disable_adapter()``), the base layer's own ``W0 x + bias``.
         """
         if can_fuse(self, x):
-            return live_linear(self, x)
+            return self._sketched(x, live_linear(self, x))
         out = self.base_layer(x)  # W0 x + bias, plus s B_{p-1} A_{p-1} x when the merged components are folded in
         if self.disabled:
             if self.rank and self.fold_merged:
@@ -168,6 +169,14 @@ class AromaLinear(nn.Module):
             out = out + self._merged_term(x, out.dtype)
         if self.active:
             out = out + self.scaling * F.linear(F.linear(x.to(torch.float32), self.lora_A), self.lora_B).to(out.dtype)
+        return self._sketched(x, out)
+
+    def _sketched(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """With a ``grad_sketch`` (``reinit="gradient"``), the backward pass adds ``dL/dW = D^T X`` to it."""
+        sketch = self.grad_sketch
+        if sketch is not None and self.active and out.requires_grad:
+            saved = x.detach()
+            out.register_hook(lambda grad: sketch.add(saved, grad))
         return out
 
     def _merged_term(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -220,11 +229,16 @@ class AromaLinear(nn.Module):
 
     # ---------------------------------------------------------------- Merge & Reinit
     @torch.no_grad()
-    def reinit_live(self) -> None:
-        """a <- Kaiming uniform (as PEFT's LoRA A), b <- 0; seeded by (seed, module index, component)."""
+    def reinit_live(self, direction: torch.Tensor | None = None) -> None:
+        """a <- Kaiming uniform (as PEFT's LoRA A), b <- 0; seeded by (seed, module index, component).
+
+        ``direction`` (r x in, orthonormal rows; ``reinit="gradient"``): ``a`` takes these rows
+        instead, scaled to the Frobenius norm of the Kaiming draw, so only the direction changes."""
         g = torch.Generator().manual_seed(derived_seed(self.seed, self.index, self.num_merged, 0))
         a = torch.empty(self.lora_A.shape, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+        if direction is not None:
+            a = direction.to(torch.float32).cpu() * (torch.linalg.vector_norm(a) / math.sqrt(self.r))
         copy_full_(self.lora_A, a)
         self.lora_B.zero_()
 

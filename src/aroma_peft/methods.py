@@ -51,6 +51,7 @@ class MethodOptions:
     lr_decay: str = _aroma("lr_decay")
     min_lr_ratio: float = _aroma("min_lr_ratio")
     reset: str = _aroma("reset")
+    reinit: str = _aroma("reinit")  # AROMA's new a after a merge: "kaiming" (the paper) or "gradient"
     train_heads_after_convergence: bool = _aroma("train_heads_after_convergence")
     # AdaLoRA
     init_r: int = 12
@@ -145,7 +146,7 @@ def _prepare_aroma(method, base, opts, max_steps, warmup_steps, seed) -> MethodR
         outer_criterion=opts.outer_criterion, converged_component=opts.converged_component,
         check_interval=opts.check_interval, max_inner_steps=opts.max_inner_steps, max_steps=max_steps,
         warmup_steps=warmup_steps, restart_warmup_steps=opts.restart_warmup_steps, reset=opts.reset,
-        lr_decay=opts.lr_decay, min_lr_ratio=opts.min_lr_ratio,
+        reinit=opts.reinit, lr_decay=opts.lr_decay, min_lr_ratio=opts.min_lr_ratio,
         train_heads_after_convergence=opts.train_heads_after_convergence, seed=seed)
     model = get_aroma_model(base, config)
     controller = AromaController(model)

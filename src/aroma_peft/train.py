@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CONVERGED_COMPONENT, OUTER_CRITERIA, RESET_MODES
+from .config import CONVERGED_COMPONENT, OUTER_CRITERIA, REINIT_MODES, RESET_MODES
 from .engine import PRECISIONS, Job, check_device, make_accelerator, train_loop
 from .faults import NonFiniteGuard
 from .io import sha256_file, write_json
@@ -103,6 +103,7 @@ OPTION_RULES = {
     "restart_warmup_steps": _NONNEG_INT, "init_r": _POSITIVE_INT, "tinit": _NONNEG_INT, "tfinal": _NONNEG_INT,
     "delta_t": _POSITIVE_INT, "orth_reg_weight": _NONNEG,
     "reset": (f"one of {RESET_MODES}", lambda v: v in RESET_MODES),
+    "reinit": (f"one of {REINIT_MODES}", lambda v: v in REINIT_MODES),
     "outer_criterion": (f"one of {OUTER_CRITERIA}", lambda v: v in OUTER_CRITERIA),
     "converged_component": (f"one of {CONVERGED_COMPONENT}", lambda v: v in CONVERGED_COMPONENT),
 }

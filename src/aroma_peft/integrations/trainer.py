@@ -49,7 +49,10 @@ class AromaCallback(TrainerCallback, ExportableState):
         self.controller = controller
 
     def state(self) -> dict:
-        return {"args": {}, "attributes": {"controller_state": self.controller.state_dict()}}
+        state = self.controller.state_dict()
+        if "grad_sketch" in state:  # trainer_state.json is JSON: float32 values survive a round trip as lists
+            state["grad_sketch"] = {name: {k: v.tolist() for k, v in s.items()} for name, s in state["grad_sketch"].items()}
+        return {"args": {}, "attributes": {"controller_state": state}}
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         if state.max_steps != self.controller.max_steps:

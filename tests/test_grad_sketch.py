@@ -1,0 +1,136 @@
+"""reinit="gradient": the new a after a merge is the top right singular vector of the module's weight
+gradient over the window before the merge, checked against gradients that autograd computes for W0."""
+
+import math
+
+import pytest
+import torch
+from conftest import synthetic_batches, tiny_bert
+from torch import nn
+
+from aroma_peft import AromaConfig, AromaController, AromaModel, get_aroma_model, load_controller_state
+from aroma_peft.grad_sketch import GradientSketch
+from aroma_peft.seeds import derived_seed
+
+TARGETS = ["query", "value", "intermediate.dense"]
+
+
+def make(**overrides):
+    kw = dict(target_modules=TARGETS, modules_to_save=["classifier"], max_steps=80, max_inner_steps=20,
+              check_interval=10, eps_in=0.1, eps_out=1e-9, warmup_steps=5, restart_warmup_steps=3, reinit="gradient")
+    kw.update(overrides)
+    model = get_aroma_model(tiny_bert(0), AromaConfig(**kw))
+    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+    return model, opt, AromaController(model, opt)
+
+
+def top_right(g: torch.Tensor) -> torch.Tensor:
+    v = torch.linalg.svd(g.double())[2][0]
+    return (v * torch.sign(v[v.abs().argmax()])).float()
+
+
+def kaiming_norm(layer, component: int) -> float:
+    g = torch.Generator().manual_seed(derived_seed(layer.seed, layer.index, component, 0))
+    a = torch.empty(layer.lora_A.shape)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+    return torch.linalg.vector_norm(a).item()
+
+
+def test_the_sketch_finds_the_top_right_singular_vector_of_the_summed_gradient():
+    torch.manual_seed(0)
+    n_out, n_in = 40, 24
+    u, v = torch.randn(n_out, 3), torch.randn(3, n_in)
+    sketch = GradientSketch(n_in, n_out, r=1, seed=0, index=0)
+    total = torch.zeros(n_out, n_in)
+    for step in range(4):
+        for _ in range(2):  # two micro-batches of one step add up
+            x = torch.randn(50, n_in)
+            d = x @ v.T @ torch.diag(torch.tensor([4.0, 2.0, 1.0])) @ u.T / 50 + 0.01 * torch.randn(50, n_out)
+            sketch.add(x.reshape(5, 10, n_in), d.reshape(5, 10, n_out))  # (batch, tokens, features) as a layer sees
+            total += d.T @ x
+        sketch.commit()
+    x = torch.randn(50, n_in)
+    sketch.add(x, torch.randn(50, n_out) * 100)  # a skipped step: discarded, never in the window
+    sketch.discard()
+    est = sketch.top_right(1)
+    assert est.shape == (1, n_in)
+    assert torch.dot(est[0], top_right(total)).item() > 0.9999  # same direction and the same sign
+    sketch.clear()
+    assert sketch.top_right(1) is None  # nothing in the window
+
+
+def test_after_each_merge_a_is_the_top_direction_of_the_gradient_of_the_last_check_interval_steps():
+    model, opt, ctrl = make()
+    layers = ctrl.layers
+    for layer in layers:  # autograd's dL/dW0, the independent computation (the plain forward path)
+        layer.base_layer.weight.requires_grad_(True)
+    data = synthetic_batches(10)
+    grads = []  # per step: each layer's dL/dW0
+    model.train()
+    merges = 0
+    for step in range(80):
+        loss = model(**data[step % len(data)]).loss
+        loss.backward()
+        grads.append([layer.base_layer.weight.grad.clone() for layer in layers])
+        for layer in layers:
+            layer.base_layer.weight.grad = None
+        opt.step(); ctrl.scheduler.step(); opt.zero_grad()
+        ranks = [layer.rank for layer in layers]
+        ctrl.step()
+        if ctrl.finished:
+            break
+        if ctrl.loop.inner_step == 0:  # the inner loop ended at this step: every module merged
+            merges += 1
+            # eps_in 0.1 checks at inner steps 10 and 20: the window is the last 10 steps
+            for i, layer in enumerate(layers):
+                assert layer.rank == ranks[i] + 1
+                expected = top_right(sum(g[i] for g in grads[-10:]))
+                a = layer.lora_A.detach()[0]
+                assert torch.dot(a / a.norm(), expected).item() > 0.999, (step, ctrl.names[i])
+                assert a.norm().item() == pytest.approx(kaiming_norm(layer, layer.num_merged), rel=1e-5)
+                assert torch.count_nonzero(layer.lora_B) == 0
+    assert merges >= 3
+
+
+def test_resume_mid_window_is_bitwise_the_same_run(tmp_path):
+    data = synthetic_batches(10)
+
+    def train(model, opt, ctrl, start, stop):
+        model.train()
+        for step in range(start, stop):
+            model(**data[step % len(data)]).loss.backward()
+            opt.step(); ctrl.scheduler.step(); opt.zero_grad()
+            ctrl.step()
+
+    ref = make()
+    train(*ref, 0, 60)
+    model, opt, ctrl = make()
+    train(model, opt, ctrl, 0, 35)  # 5 steps into the window of the second inner loop
+    assert ctrl.sketches[0].steps == 5
+    model.save_pretrained(tmp_path / "ckpt", controller=ctrl)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": ctrl.scheduler.state_dict()}, tmp_path / "optim.pt")
+    model = AromaModel.from_pretrained(tiny_bert(0), tmp_path / "ckpt", is_trainable=True)
+    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
+    saved = torch.load(tmp_path / "optim.pt", weights_only=True)
+    opt.load_state_dict(saved["optimizer"])
+    ctrl = AromaController(model, opt)
+    ctrl.scheduler.load_state_dict(saved["scheduler"])
+    ctrl.load_state_dict(load_controller_state(tmp_path / "ckpt"))
+    train(model, opt, ctrl, 35, 60)
+    assert ctrl.history == ref[2].history
+    ref_state, state = ref[0].state_dict(), model.state_dict()
+    for k in ref_state:
+        assert torch.equal(ref_state[k], state[k]), k
+
+
+def test_a_kaiming_checkpoint_does_not_resume_a_gradient_run(tmp_path):
+    model, opt, ctrl = make(reinit="kaiming")
+    model.save_pretrained(tmp_path / "ckpt", controller=ctrl)
+    _, _, gradient_ctrl = make()
+    with pytest.raises(ValueError, match="no gradient sketches.*reinit='kaiming'"):
+        gradient_ctrl.load_state_dict(load_controller_state(tmp_path / "ckpt"))
+
+
+def test_reinit_is_validated():
+    with pytest.raises(ValueError, match=r"AromaConfig.reinit='svd' is invalid: expected one of \('kaiming', 'gradient'\)"):
+        AromaConfig(reinit="svd")
