@@ -35,12 +35,12 @@ STEPS = 24
 GLOBAL_BATCH = 16
 
 
-def build():
+def build(reinit="kaiming"):
     # Calibrated on this tiny model: merges at steps 4, 8, 12, 16, 20; modules freeze at 12, 16 and 24
     # (eq. 6 ratios stay >= 0.006 away from eps_out, far above data-parallel rounding).
     config = AromaConfig(target_modules=["query", "value", "intermediate.dense"], modules_to_save=["classifier"],
                          eps_in=None, check_interval=2, max_inner_steps=4, eps_out=0.12, max_steps=STEPS,
-                         warmup_steps=2, restart_warmup_steps=1)
+                         warmup_steps=2, restart_warmup_steps=1, reinit=reinit)
     return get_aroma_model(tiny_bert(0), config)
 
 
@@ -86,9 +86,10 @@ def worker(rank: int, directory: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=WORLD)
     try:
-        for mode in ("ddp", "fsdp2"):
-            model = build()
-            if mode == "ddp":
+        for mode, reinit in (("ddp", "kaiming"), ("fsdp2", "kaiming"), ("ddp-gradient", "gradient"),
+                             ("fsdp2-gradient", "gradient")):
+            model = build(reinit)
+            if mode.startswith("ddp"):
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
                 # find_unused_parameters: a frozen module's factors stop receiving gradients.
@@ -155,9 +156,20 @@ def single_process():
     return tensors, json.loads(json.dumps(log))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_two_processes_take_the_same_decisions_as_one(two_processes, single_process, mode):
-    ref_tensors, ref_log = single_process
+@pytest.fixture(scope="module")
+def single_process_gradient():
+    """reinit="gradient": each process sketches its own part of the batch; the sketches are summed at a merge."""
+    model = build("gradient")
+    with pytest.warns(RuntimeWarning, match="at step 22: step skipped"):
+        controller, decisions = train(model, model)
+    tensors, log = result(model, controller, decisions)
+    assert sorted({d["step"] for d in log["decisions"] if d["merged"]}) == [4, 8, 12, 16, 20]
+    return tensors, json.loads(json.dumps(log))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "ddp-gradient", "fsdp2-gradient"])
+def test_two_processes_take_the_same_decisions_as_one(two_processes, single_process, single_process_gradient, mode):
+    ref_tensors, ref_log = single_process_gradient if mode.endswith("gradient") else single_process
     logs = [json.loads((two_processes / f"{mode}-rank{r}.json").read_text()) for r in range(WORLD)]
     tensors = [load_file(str(two_processes / f"{mode}-rank{r}.safetensors")) for r in range(WORLD)]
     for log in logs:
@@ -166,8 +178,8 @@ def test_two_processes_take_the_same_decisions_as_one(two_processes, single_proc
         assert log["history"] == ref_log["history"]
         assert log["loop"]["modules"] == ref_log["loop"]["modules"] or _same_but_ratios(log, ref_log)
     # FSDP2 shards every weight (a DTensor, 16 of the 32 rows here); DDP replicates it.
-    assert [log["weight_type"] for log in logs] == ["DTensor" if mode == "fsdp2" else "Parameter"] * WORLD
-    assert [log["local_weight_rows"] for log in logs] == [16 if mode == "fsdp2" else 32] * WORLD
+    assert [log["weight_type"] for log in logs] == ["DTensor" if mode.startswith("fsdp2") else "Parameter"] * WORLD
+    assert [log["local_weight_rows"] for log in logs] == [16 if mode.startswith("fsdp2") else 32] * WORLD
     assert tensors[0].keys() == tensors[1].keys() == ref_tensors.keys()
     for key in ref_tensors:
         assert torch.equal(tensors[0][key], tensors[1][key]), key  # replicas bit-identical
