@@ -16,7 +16,7 @@ RESET_MODES = ("prune", "zero", "none")
 OUTER_CRITERIA = ("weight", "update")
 LR_DECAYS = ("linear", "cosine")
 CONVERGED_COMPONENT = ("discard", "merge")
-REINIT_MODES = ("kaiming", "gradient")
+REINIT_MODES = ("kaiming", "gradient", "gradient-sign")
 
 TargetModules = Union[str, tuple[str, ...]]
 
@@ -80,7 +80,9 @@ class AromaConfig(PeftConfig):
         reinit: the new ``a`` at each Merge & Reinit: ``"kaiming"`` (Kaiming uniform, as LoRA's A:
             the paper) or ``"gradient"`` (the top right singular vector(s) of the module's weight
             gradient over the last ``check_interval`` steps, at the Kaiming draw's norm; LoRA-GA's
-            idea, see ``grad_sketch.py`` and docs/algorithm.md). The first component is Kaiming in both.
+            idea, see ``grad_sketch.py`` and docs/algorithm.md), or ``"gradient-sign"`` (the signs of
+            that vector, every entry the same size: the direction Adam's first steps on ``a`` take).
+            The first component is Kaiming in every mode.
         train_heads_after_convergence: when every adapted module has converged before T and
             ``modules_to_save`` is not empty, keep training those heads alone until T instead of
             stopping (see docs/algorithm.md).

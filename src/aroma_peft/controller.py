@@ -57,7 +57,7 @@ class AromaController:
                              max_inner_steps=config.max_inner_steps, eps_out=config.eps_out,
                              max_steps=self.max_steps, stop_when_converged=not heads_remain,
                              merge_converged=config.converged_component == "merge")
-        if config.reinit == "gradient":  # each layer's weight gradient, sketched, for its next a
+        if config.reinit != "kaiming":  # each layer's weight gradient, sketched, for its next a
             for i, layer in enumerate(self.layers):
                 layer.grad_sketch = GradientSketch(layer.in_features, layer.out_features, layer.r, config.seed, i,
                                                    device=layer.lora_A.device)
@@ -216,6 +216,8 @@ class AromaController:
                 f"AromaController: reinit='gradient' found no finite weight gradient of {self.names[i]} in the "
                 f"steps before the merge at step {self.loop.step_count}: its backward pass did not run through the "
                 "layer's forward (a compiled or checkpointed forward that drops tensor hooks?)")
+        if self.config.reinit == "gradient-sign":  # every entry the same size, the signs of the gradient's
+            direction = torch.where(direction >= 0, 1.0, -1.0) / layer.in_features ** 0.5
         return direction
 
     # ------------------------------------------------------------------ introspection
