@@ -37,3 +37,52 @@ def test_adalora_ranks_follow_the_allocator_budget():
     for n, m in layers.items():
         assert int((m.lora_E["default"] != 0).sum()) <= ranks[n]
     assert run.trainable_count() == sum(ranks[n] * width[n] for n in layers) + head
+
+
+import pytest  # noqa: E402
+
+from aroma_peft.methods import optimizer_groups  # noqa: E402
+
+
+@pytest.mark.parametrize("method", ["lora", "aroma"])
+def test_loraplus_trains_the_b_factors_at_the_ratio_through_the_schedule_and_the_merges(method):
+    """LoRA+: the first Adam step moves each B entry by lr x ratio x factor, A and the head by lr x factor."""
+    base = tiny_bert()
+    opts = MethodOptions(r=2, alpha=4.0, modules_to_save=["classifier"], eps_out=1e-9, check_interval=2,
+                         max_inner_steps=4, restart_warmup_steps=1, reset="zero")  # zero: every step after a merge is a first step
+    run = prepare(method, base, opts, max_steps=12, warmup_steps=2)
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    groups = optimizer_groups(run, 1e-3, 16.0)
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
+    scheduler = run.make_scheduler(optimizer)
+    assert sum(len(g["params"]) for g in groups) == len(run.parameters)
+    assert all("lora_B" in names[id(p)] for p in groups[1]["params"])
+    assert not any("lora_B" in names[id(p)] for p in groups[0]["params"])
+    for step in range(12):
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        assert lrs[1] == pytest.approx(16.0 * lrs[0], rel=1e-12)
+        first = {id(p) for g in optimizer.param_groups for p in g["params"]
+                 if optimizer.state.get(p, {}).get("step", torch.tensor(0.0)).item() == 0}
+        before = {id(p): p.detach().clone() for g in optimizer.param_groups for p in g["params"]}
+        run.model(**_batch(base)).loss.backward()
+        optimizer.step()
+        for g, lr in zip(optimizer.param_groups, lrs):
+            for p in g["params"]:
+                if id(p) in first and p.grad is not None and p.grad.abs().max() > 0 and lr > 0:  # a first Adam step: <= lr
+                    moved = (p.detach() - before[id(p)]).abs().max().item()
+                    assert moved <= lr * (1 + 1e-4) and moved > 0.5 * lr, names[id(p)]
+        scheduler.step()
+        optimizer.zero_grad()
+        if method == "aroma" and run.controller.step():
+            break
+    if method == "aroma":
+        assert run.controller.outer_checks  # the run went through merges
+
+
+def test_loraplus_needs_b_factors():
+    base = tiny_bert()
+    run = prepare("full", base, MethodOptions(), max_steps=4, warmup_steps=1)
+    with pytest.raises(ValueError, match="method 'full' has no B factors"):
+        optimizer_groups(run, 1e-3, 4.0)
+    with pytest.raises(ValueError, match="--loraplus-lr-ratio must be a number > 0"):
+        MethodOptions(loraplus_lr_ratio=0)

@@ -48,7 +48,9 @@ METHOD_OPTIONS = [
     ("max-inner-steps", "AROMA T_in (ReLoRA: cycle length)"),
     ("restart-warmup-steps", "AROMA/ReLoRA warmup after each merge"),
     ("reset", "optimizer reset after a merge: prune, zero or none"),
-    ("reinit", "AROMA's new a after a merge: kaiming (the paper) or gradient (the weight gradient's top direction)"),
+    ("reinit", "AROMA's new a after a merge: kaiming (the paper), gradient (the weight gradient's top direction) "
+               "or gradient-sign"),
+    ("loraplus-lr-ratio", "LoRA+: the B factors train at --lr times this (LoRA, DoRA, AdaLoRA, AROMA, ReLoRA)"),
     ("lr-decay", "learning-rate decay after the warmup: linear or cosine (every method)"),
     ("min-lr-ratio", "learning rate at the last step, as a fraction of --lr (every method)"),
     ("init-r", "AdaLoRA initial rank"),

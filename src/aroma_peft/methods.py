@@ -51,7 +51,9 @@ class MethodOptions:
     lr_decay: str = _aroma("lr_decay")
     min_lr_ratio: float = _aroma("min_lr_ratio")
     reset: str = _aroma("reset")
-    reinit: str = _aroma("reinit")  # AROMA's new a after a merge: "kaiming" (the paper) or "gradient"
+    reinit: str = _aroma("reinit")  # AROMA's new a after a merge: "kaiming" (the paper), "gradient", "gradient-sign"
+    # LoRA+ (Hayou et al. 2024; PEFT's create_loraplus_optimizer): the B factors train at lr x this ratio
+    loraplus_lr_ratio: float = 1.0
     train_heads_after_convergence: bool = _aroma("train_heads_after_convergence")
     # AdaLoRA
     init_r: int = 12
@@ -61,6 +63,9 @@ class MethodOptions:
     orth_reg_weight: float = 0.5
 
     def __post_init__(self) -> None:
+        if isinstance(self.loraplus_lr_ratio, bool) or not isinstance(self.loraplus_lr_ratio, (int, float)) \
+                or not self.loraplus_lr_ratio > 0:
+            raise ValueError(f"--loraplus-lr-ratio must be a number > 0, got {self.loraplus_lr_ratio!r}")
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"--lr-decay {self.lr_decay!r} is unknown: expected one of {', '.join(LR_DECAYS)}")
         if isinstance(self.min_lr_ratio, bool) or not isinstance(self.min_lr_ratio, (int, float)) \
@@ -223,3 +228,18 @@ def _prepare_selective(method, base, opts, max_steps, warmup_steps) -> MethodRun
         method=method, model=base, parameters=[p for p in base.parameters() if p.requires_grad],
         make_scheduler=lambda opt: decay_schedule(opt, max_steps, warmup_steps, opts), after_step=None,
         module_ranks=dict, module_updates=dict, save=lambda d: _save_trainable(base, d / "adapter"))
+
+
+def optimizer_groups(run: MethodRun, lr: float, loraplus_lr_ratio: float) -> list[dict]:
+    """The parameter groups of the run's optimizer: one at ``lr``, or with LoRA+ (a ratio other than
+    1) the B factors (``lora_B`` of LoRA, DoRA, AdaLoRA and AROMA) in a second group at ``lr x ratio``."""
+    if loraplus_lr_ratio == 1.0:
+        return [{"params": run.parameters}]
+    b_ids = {id(p) for name, p in run.model.named_parameters() if "lora_B" in name}
+    b = [p for p in run.parameters if id(p) in b_ids]
+    if not b:
+        raise ValueError(f"--loraplus-lr-ratio {loraplus_lr_ratio}: method {run.method!r} has no B factors (lora_B) "
+                         "to train at another learning rate; leave it at 1")
+    return [{"params": [p for p in run.parameters if id(p) not in b_ids]},
+            {"params": b, "lr": lr * loraplus_lr_ratio}]
+

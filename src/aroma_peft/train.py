@@ -23,7 +23,7 @@ from .engine import PRECISIONS, Job, check_device, make_accelerator, train_loop
 from .faults import NonFiniteGuard
 from .io import sha256_file, write_json
 from .layer import derived_seed
-from .methods import METHODS, MethodOptions, prepare
+from .methods import METHODS, MethodOptions, optimizer_groups, prepare
 from .pretrained import check_model_folder, check_model_kind, load_model_and_tokenizer
 from .rundir import (LoopState, NoWriter, RankHistory, RunWriter, check_resumable, drop_metrics_after,
                      find_checkpoint, resume, write_results)
@@ -103,12 +103,17 @@ OPTION_RULES = {
     "restart_warmup_steps": _NONNEG_INT, "init_r": _POSITIVE_INT, "tinit": _NONNEG_INT, "tfinal": _NONNEG_INT,
     "delta_t": _POSITIVE_INT, "orth_reg_weight": _NONNEG,
     "reset": (f"one of {RESET_MODES}", lambda v: v in RESET_MODES),
-    "reinit": (f"one of {REINIT_MODES}", lambda v: v in REINIT_MODES),
+    "reinit": (f"one of {REINIT_MODES}", lambda v: v in REINIT_MODES), "loraplus_lr_ratio": _POSITIVE,
     "outer_criterion": (f"one of {OUTER_CRITERIA}", lambda v: v in OUTER_CRITERIA),
     "converged_component": (f"one of {CONVERGED_COMPONENT}", lambda v: v in CONVERGED_COMPONENT),
 }
 _NONE_ALLOWED = {"epochs", "max_steps", "save_steps", "train_limit", "train_limit_seed", "eval_limit", "eps_in",
                  "eps_out"}
+
+
+# Method options added after checkpoints were first written: recorded only where they differ from
+# their defaults, so an older checkpoint still resumes.
+_LATER_METHOD_OPTIONS = ("reinit", "loraplus_lr_ratio")
 
 
 def validate_option(name: str, value) -> None:
@@ -222,7 +227,8 @@ def run(opts: TrainOptions, splits: dict[str, list] | None = None) -> dict:
     eval_data = family.eval_data(tokenizer, eval_splits, opts.max_seq_len)
     baseline = family.baseline(train_examples, eval_splits)
 
-    optimizer = torch.optim.AdamW(method_run.parameters, lr=opts.lr, weight_decay=opts.weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(method_run, opts.lr, mopts.loraplus_lr_ratio), lr=opts.lr,
+                                  weight_decay=opts.weight_decay)
     scheduler = method_run.make_scheduler(optimizer)
     history = RankHistory(method_run)
 
@@ -291,7 +297,8 @@ def run_definition(opts: TrainOptions, train_examples: int, max_steps: int, warm
         "train_examples": train_examples, "eval_limit": opts.eval_limit, "max_seq_len": opts.max_seq_len,
         "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay, "max_steps": max_steps,
         "warmup_steps": warmup, "seed": opts.seed, "processes": world,
-        "method_options": dataclasses.asdict(opts.method_options),
+        "method_options": {k: v for k, v in dataclasses.asdict(opts.method_options).items()
+                           if k not in _LATER_METHOD_OPTIONS or v != getattr(MethodOptions(), k)},
     }
     # Options added with the engine and the task families: recorded where they differ from their
     # defaults, so a checkpoint written before they existed still resumes.
