@@ -71,10 +71,10 @@ def test_trainer_with_another_scheduler_is_refused(tmp_path):
         trainer.train()
 
 
-def resumable_trainer(out, max_steps=45, save_steps=25, poison_step=None, eval_dataset=None, **args_kw):
+def resumable_trainer(out, max_steps=45, save_steps=25, poison_step=None, eval_dataset=None, reinit="kaiming", **args_kw):
     config = AromaConfig(target_modules=["query", "value", "intermediate.dense"], modules_to_save=["classifier"],
                          max_steps=max_steps, check_interval=5, max_inner_steps=10, eps_out=0.05,
-                         warmup_steps=4, restart_warmup_steps=2, train_heads_after_convergence=False)
+                         warmup_steps=4, restart_warmup_steps=2, train_heads_after_convergence=False, reinit=reinit)
     model = get_aroma_model(tiny_bert(), config)
     if poison_step is not None:  # the loss of the poison_step-th training forward is NaN
         forward, calls = model.forward, []
@@ -98,15 +98,18 @@ def resumable_trainer(out, max_steps=45, save_steps=25, poison_step=None, eval_d
     return trainer, controller
 
 
-def test_resume_from_a_trainer_checkpoint_continues_the_same_inner_loop(tmp_path):
-    ref, ref_ctrl = resumable_trainer(tmp_path / "ref")
+@pytest.mark.parametrize("reinit", ["kaiming", "gradient"])
+def test_resume_from_a_trainer_checkpoint_continues_the_same_inner_loop(tmp_path, reinit):
+    # Step 27: two steps into a window of reinit="gradient" (inner checks every 5 steps), whose
+    # sketches travel in trainer_state.json.
+    ref, ref_ctrl = resumable_trainer(tmp_path / "ref", save_steps=27, reinit=reinit)
     ref.train()
     merges = [h["step"] for h in ref_ctrl.history[1:]]
-    assert merges and merges[0] == 10 and merges[-1] > 25  # decisions on both sides of the checkpoint
-    checkpoint = tmp_path / "ref" / "checkpoint-25"
+    assert merges and merges[0] == 10 and merges[-1] > 27  # decisions on both sides of the checkpoint
+    checkpoint = tmp_path / "ref" / "checkpoint-27"
     assert checkpoint.is_dir()
 
-    resumed, ctrl = resumable_trainer(tmp_path / "resumed")
+    resumed, ctrl = resumable_trainer(tmp_path / "resumed", save_steps=27, reinit=reinit)
     assert ctrl.loop.step_count == 0
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert ctrl.loop.inner_step == ref_ctrl.loop.inner_step
