@@ -8,6 +8,9 @@ LoRA adapter in ``adapter/``). For component k of each module, with s the adapte
 - ``||s b_k a_k||_F`` and its eq. (6) ratio ``||s b_k a_k||_F / ||W0 + s sum_{j<k} b_j a_j||_F``
   (what the controller computed when component k ended; for LoRA, k runs over the rank's columns);
 - the factor norms ``||a_k||`` and ``||b_k||``;
+- how evenly ``a_k`` spreads over the input features: its participation ratio over its dimension,
+  ``||a||_2^4 / (||a||_4^4 * in)`` (1: every entry the same size; 1/in: a single feature; about
+  0.56, 5/9, for a Kaiming uniform draw);
 
 printed as min / median / max over the modules that have a k-th component, then the whole update
 ``||s B A||_F`` of each module (min / median / max) and its ratio to ``||W0||_F``.
@@ -64,7 +67,8 @@ def component_rows(factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]],
         for k in range(a.shape[0]):
             comp = s * torch.outer(b[:, k], a[k])
             rows.append({"norm": comp.norm().item(), "ratio": (comp.norm() / w.norm()).item(),
-                         "a": a[k].norm().item(), "b": b[:, k].norm().item()})
+                         "a": a[k].norm().item(), "b": b[:, k].norm().item(),
+                         "spread": (a[k].norm() ** 4 / (a[k] ** 4).sum() / a.shape[1]).item()})
             w = w + comp
         total = (s * b @ a).norm().item()
         out[name] = {"components": rows, "total": total, "total_ratio": total / w0}
@@ -87,14 +91,15 @@ def _spread(values: list[float], fmt: str) -> str:
 def table(rows: dict[str, dict]) -> list[str]:
     depth = max(len(r["components"]) for r in rows.values())
     lines = ["| component | modules | norm min / median / max | eq. (6) ratio min / median / max "
-             "| norm of a (median) | norm of b (median) |", "|---:|---:|---|---|---:|---:|"]
+             "| norm of a (median) | norm of b (median) | spread of a (median) |", "|---:|---:|---|---|---:|---:|---:|"]
     for k in range(depth):
         have = [r["components"][k] for r in rows.values() if len(r["components"]) > k]
         lines.append(f"| {k + 1} | {len(have)} | {_spread([c['norm'] for c in have], '.3g')} "
                      f"| {_spread([c['ratio'] for c in have], '.2e')} "
-                     f"| {statistics.median(c['a'] for c in have):.3g} | {statistics.median(c['b'] for c in have):.3g} |")
+                     f"| {statistics.median(c['a'] for c in have):.3g} | {statistics.median(c['b'] for c in have):.3g} "
+                     f"| {statistics.median(c['spread'] for c in have):.3g} |")
     lines.append(f"| whole update | {len(rows)} | {_spread([r['total'] for r in rows.values()], '.3g')} "
-                 f"| {_spread([r['total_ratio'] for r in rows.values()], '.2e')} | | |")
+                 f"| {_spread([r['total_ratio'] for r in rows.values()], '.2e')} | | | |")
     return lines
 
 

@@ -25,7 +25,11 @@ def test_rows_match_a_numpy_computation():
         assert row["norm"] == pytest.approx(np.linalg.norm(comp), rel=1e-12)
         assert row["ratio"] == pytest.approx(np.linalg.norm(comp) / np.linalg.norm(w), rel=1e-12)  # W0 + earlier ones
         assert (row["a"], row["b"]) == (pytest.approx(np.linalg.norm(a[k])), pytest.approx(np.linalg.norm(b[:, k])))
+        p = a[k] ** 2 / np.sum(a[k] ** 2)  # participation ratio 1 / sum p_i^2, over the dimension
+        assert row["spread"] == pytest.approx(1 / np.sum(p ** 2) / a.shape[1], rel=1e-12)
         w = w + comp
+    flat = load().component_rows({"m": (1.0, torch.ones(1, 4), torch.ones(5, 1))}, {"m": torch.tensor(w0)})["m"]
+    assert flat["components"][0]["spread"] == pytest.approx(1.0)  # every entry the same size
     assert rows["total"] == pytest.approx(np.linalg.norm(s * b @ a), rel=1e-12)
     assert rows["total_ratio"] == pytest.approx(np.linalg.norm(s * b @ a) / np.linalg.norm(w0), rel=1e-12)
 
