@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import re
 from pathlib import Path
 
@@ -149,6 +150,19 @@ def test_commonsense_trains_and_scores_per_task(llama_dir, commonsense_dir, tmp_
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["method_options"]["target_modules"] == C.TARGET_MODULES  # Table 13 on a Llama
     assert (tmp_path / "run" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("method", ["aroma", "lora"])
+def test_bf16_commonsense_on_a_llama_trains_and_the_first_loss_is_the_autocast_forwards(
+        llama_dir, commonsense_dir, tmp_path, method):
+    """A Llama keeps its decoder in ``.model``, the name of the AromaModel's own wrapped model: the
+    forward that accelerate wraps for autocast must still run the Llama's own (it once ran the
+    causal LM inside itself and failed)."""
+    final = T.run(commonsense_options(llama_dir, commonsense_dir, tmp_path / "run", method=method, eval_mode="loglik",
+                                      mixed_precision="bf16", max_steps=2))
+    assert final["steps"] == 2 and set(final["metrics"]) == {"boolq_accuracy", "piqa_accuracy", "average"}
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
 
 
 @pytest.mark.parametrize("method", ["aroma", "lora", "full"])

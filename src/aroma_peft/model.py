@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 import weakref
@@ -131,9 +132,14 @@ class AromaModel(nn.Module):
         self._factor_ids = {id(p) for layer in self.aroma_layers.values() for p in (layer.lora_A, layer.lora_B)}
         self._steps_without_controller = 0
         _watch_optimizers(self)
-        # Calls go straight to the wrapped model's forward, whose signature callers such as the HF
-        # Trainer inspect (to choose dataset columns).
-        self.forward = model.forward
+        # Calls go to the wrapped model, with its forward's signature, which callers such as the HF
+        # Trainer inspect (to choose dataset columns). Not its bound forward itself: accelerate's
+        # autocast rebinds a bound forward's function to this object, whose ``.model`` a Llama's
+        # forward would then call for its decoder.
+        @functools.wraps(model.forward)
+        def forward(*args, **kwargs):
+            return self.model(*args, **kwargs)
+        self.forward = forward
 
     def __getattr__(self, name: str):
         try:
