@@ -179,7 +179,12 @@ def no_model_loading(monkeypatch):
     ({"seed": 1}, r"--seed: 0 in the checkpoint, 1 now"),
     ({"method_options": MethodOptions(max_inner_steps=4, check_interval=2, restart_warmup_steps=1, eps_out=0.02)},
      r"--eps-out: 0\.05 in the checkpoint, 0\.02 now"),
-], ids=["model", "batch_size", "train_limit", "max_seq_len", "lr", "max_steps", "seed", "eps_out"])
+    # options added later are recorded only away from their defaults: an older checkpoint resumes,
+    # and one of them set now is a difference
+    ({"method_options": MethodOptions(max_inner_steps=4, check_interval=2, restart_warmup_steps=1, eps_out=0.05,
+                                      reinit="gradient-sign")},
+     r"--reinit: 'kaiming' in the checkpoint, 'gradient-sign' now"),
+], ids=["model", "batch_size", "train_limit", "max_seq_len", "lr", "max_steps", "seed", "eps_out", "reinit"])
 def test_a_resume_with_other_options_is_refused_before_compute_and_changes_nothing(
         model_dir, mrpc_dir, checkpointed, tmp_path, monkeypatch, change, match):
     import shutil

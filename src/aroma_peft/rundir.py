@@ -124,14 +124,18 @@ _DEFINITION_LABELS = {
 }
 
 
-def check_resumable(checkpoint: Path, definition: dict) -> None:
-    """Refuse a resume whose options differ from those the checkpoint was made with, naming each one."""
+def check_resumable(checkpoint: Path, definition: dict, unrecorded_defaults: dict | None = None) -> None:
+    """Refuse a resume whose options differ from those the checkpoint was made with, naming each one.
+
+    ``unrecorded_defaults``: options a definition leaves out at these values (added after checkpoints
+    were first written); one missing from either side is read as its default."""
     recorded = read_json(checkpoint / TRAINING_STATE).get("extra", {}).get("run")
     if recorded is None:
         warnings.warn(f"{checkpoint}: the checkpoint records no options (written by an older version); "
                       "the resume cannot check that it repeats them", RuntimeWarning, stacklevel=2)
         return
-    then, now = _flat(recorded), _flat(definition)
+    defaults = unrecorded_defaults or {}
+    then, now = defaults | _flat(recorded), defaults | _flat(definition)
     differences = [f"{_DEFINITION_LABELS.get(k, '--' + k.replace('_', '-'))}: {then.get(k)!r} in the checkpoint, "
                    f"{now.get(k)!r} now" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
     if differences:

@@ -196,7 +196,7 @@ def run(opts: TrainOptions, splits: dict[str, list] | None = None) -> dict:
     definition = run_definition(opts, len(train_examples), max_steps, warmup, _world_size())
     checkpoint = find_checkpoint(out) if opts.resume else None
     if checkpoint is not None:
-        check_resumable(checkpoint, definition)
+        check_resumable(checkpoint, definition, {k: getattr(MethodOptions(), k) for k in _LATER_METHOD_OPTIONS})
 
     owns_group = _world_size() > 1 and not torch.distributed.is_initialized()
     accelerator = make_accelerator(opts.device, opts.mixed_precision, out)  # the process group, under a launcher
