@@ -113,7 +113,7 @@ def test_resume_mid_window_is_bitwise_the_same_run(tmp_path):
     train(*ref, 0, 60)
     model, opt, ctrl = make()
     train(model, opt, ctrl, 0, 35)  # 5 steps into the window of the second inner loop
-    assert ctrl.sketches[0].steps == 5
+    assert ctrl.loop.inner_step % 10 == 5 and ctrl.sketches[0].y.abs().max() > 0  # 5 steps into a window
     model.save_pretrained(tmp_path / "ckpt", controller=ctrl)
     torch.save({"optimizer": opt.state_dict(), "scheduler": ctrl.scheduler.state_dict()}, tmp_path / "optim.pt")
     model = AromaModel.from_pretrained(tiny_bert(0), tmp_path / "ckpt", is_trainable=True)

@@ -206,14 +206,15 @@ class AromaController:
             self._record()
 
     def _gradient_direction(self, i: int) -> torch.Tensor | None:
-        """``reinit="gradient"``: the top right singular vector(s) of module ``i``'s sketched weight gradient."""
+        """``reinit="gradient"``: the top right singular vector(s) of module ``i``'s sketched weight gradient
+        (``"gradient-sign"``: their signs, as unit rows); None with ``reinit="kaiming"``."""
         layer = self.layers[i]
         if layer.grad_sketch is None:
             return None
         direction = layer.grad_sketch.top_right(layer.r)
         if direction is None:
             raise RuntimeError(
-                f"AromaController: reinit='gradient' found no finite weight gradient of {self.names[i]} in the "
+                f"AromaController: reinit={self.config.reinit!r} found no finite weight gradient of {self.names[i]} in the "
                 f"steps before the merge at step {self.loop.step_count}: its backward pass did not run through the "
                 "layer's forward (a compiled or checkpointed forward that drops tensor hooks?)")
         if self.config.reinit == "gradient-sign":  # every entry the same size, the signs of the gradient's

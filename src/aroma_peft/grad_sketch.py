@@ -41,7 +41,6 @@ class GradientSketch:
         self.z = torch.zeros(self.l, in_features, device=device)
         self.pending_y = torch.zeros_like(self.y)
         self.pending_z = torch.zeros_like(self.z)
-        self.steps = 0  # committed steps in the window
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
@@ -55,7 +54,6 @@ class GradientSketch:
     def commit(self) -> None:
         self.y += self.pending_y
         self.z += self.pending_z
-        self.steps += 1
         self.discard()
 
     def discard(self) -> None:
@@ -65,7 +63,6 @@ class GradientSketch:
     def clear(self) -> None:
         self.y.zero_()
         self.z.zero_()
-        self.steps = 0
 
     @torch.no_grad()
     def top_right(self, r: int) -> torch.Tensor | None:
@@ -89,10 +86,9 @@ class GradientSketch:
         return v
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"y": self.y.cpu(), "z": self.z.cpu(), "steps": torch.tensor(self.steps)}
+        return {"y": self.y.cpu(), "z": self.z.cpu()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.y.copy_(state["y"])
         self.z.copy_(state["z"])
-        self.steps = int(state["steps"])
         self.discard()

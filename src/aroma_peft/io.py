@@ -264,7 +264,7 @@ def load_controller_state(directory: str | Path) -> dict:
     """The controller state saved beside an adapter (pass it to ``AromaController.load_state_dict``)."""
     state = read_json(Path(directory) / CONTROLLER_STATE)
     path = Path(directory) / CONTROLLER_TENSORS
-    if path.is_file():  # reinit="gradient": each module's gradient sketch, keyed "{module}.{y,z,steps}"
+    if path.is_file():  # reinit="gradient": each module's gradient sketch, keyed "{module}.{y,z}"
         sketches: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in _read_safetensors(path).items():
             name, _, part = key.rpartition(".")

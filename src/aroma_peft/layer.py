@@ -85,7 +85,7 @@ class AromaLinear(nn.Module):
         self.seed = seed
         self.index = index
         self.active = True  # False once converged (or stopped at T): the live factors are frozen and unused
-        self.grad_sketch = None  # a GradientSketch when AromaConfig.reinit == "gradient" (the controller sets it)
+        self.grad_sketch = None  # a GradientSketch unless AromaConfig.reinit == "kaiming" (the controller sets it)
         self.disabled = False  # True inside AromaModel.disable_adapter(): the base layer alone (the reference output)
         self.plain_base = type(base_layer) in SUPPORTED_BASE_LAYERS  # not a subclass (a quantized layer subclasses nn.Linear)
         dev = w.device
@@ -232,8 +232,8 @@ class AromaLinear(nn.Module):
     def reinit_live(self, direction: torch.Tensor | None = None) -> None:
         """a <- Kaiming uniform (as PEFT's LoRA A), b <- 0; seeded by (seed, module index, component).
 
-        ``direction`` (r x in, orthonormal rows; ``reinit="gradient"``): ``a`` takes these rows
-        instead, scaled to the Frobenius norm of the Kaiming draw, so only the direction changes."""
+        ``direction`` (r x in, unit rows; ``reinit="gradient"`` or ``"gradient-sign"``): ``a`` takes
+        these rows instead, scaled to the Frobenius norm of the Kaiming draw, so only the direction changes."""
         g = torch.Generator().manual_seed(derived_seed(self.seed, self.index, self.num_merged, 0))
         a = torch.empty(self.lora_A.shape, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)

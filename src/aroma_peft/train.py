@@ -111,9 +111,18 @@ _NONE_ALLOWED = {"epochs", "max_steps", "save_steps", "train_limit", "train_limi
                  "eps_out"}
 
 
-# Method options added after checkpoints were first written: recorded only where they differ from
-# their defaults, so an older checkpoint still resumes.
+# Options added after checkpoints were first written (with the engine and the task families, then
+# AROMA's re-initialization and LoRA+): a run's definition records one only where it differs from its
+# default, and a checkpoint that lacks one was made at its default, so an older checkpoint still resumes.
+_LATER_OPTIONS = ("family", "mixed_precision", "grad_accum", "train_file", "train_tasks", "decoder_only")
 _LATER_METHOD_OPTIONS = ("reinit", "loraplus_lr_ratio")
+
+
+def _later_defaults(opts: TrainOptions) -> dict:
+    """The defaults of the options added later, keyed as a flattened definition keys them."""
+    run_defaults, method_defaults = TrainOptions(task=opts.task, model=opts.model), MethodOptions()
+    return ({name: getattr(run_defaults, name) for name in _LATER_OPTIONS}
+            | {name: getattr(method_defaults, name) for name in _LATER_METHOD_OPTIONS})
 
 
 def validate_option(name: str, value) -> None:
@@ -196,7 +205,7 @@ def run(opts: TrainOptions, splits: dict[str, list] | None = None) -> dict:
     definition = run_definition(opts, len(train_examples), max_steps, warmup, _world_size())
     checkpoint = find_checkpoint(out) if opts.resume else None
     if checkpoint is not None:
-        check_resumable(checkpoint, definition, {k: getattr(MethodOptions(), k) for k in _LATER_METHOD_OPTIONS})
+        check_resumable(checkpoint, definition, json.loads(json.dumps(_later_defaults(opts))))
 
     owns_group = _world_size() > 1 and not torch.distributed.is_initialized()
     accelerator = make_accelerator(opts.device, opts.mixed_precision, out)  # the process group, under a launcher
@@ -297,13 +306,11 @@ def run_definition(opts: TrainOptions, train_examples: int, max_steps: int, warm
         "train_examples": train_examples, "eval_limit": opts.eval_limit, "max_seq_len": opts.max_seq_len,
         "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay, "max_steps": max_steps,
         "warmup_steps": warmup, "seed": opts.seed, "processes": world,
-        "method_options": {k: v for k, v in dataclasses.asdict(opts.method_options).items()
-                           if k not in _LATER_METHOD_OPTIONS or v != getattr(MethodOptions(), k)},
     }
-    # Options added with the engine and the task families: recorded where they differ from their
-    # defaults, so a checkpoint written before they existed still resumes.
-    defaults = TrainOptions(task=opts.task, model=opts.model)
-    for name in ("family", "mixed_precision", "grad_accum", "train_file", "train_tasks", "decoder_only"):
-        if getattr(opts, name) != getattr(defaults, name):
+    later = _later_defaults(opts)  # recorded only where they differ from their defaults
+    definition["method_options"] = {k: v for k, v in dataclasses.asdict(opts.method_options).items()
+                                    if k not in _LATER_METHOD_OPTIONS or v != later[k]}
+    for name in _LATER_OPTIONS:
+        if getattr(opts, name) != later[name]:
             definition[name] = getattr(opts, name)
     return json.loads(json.dumps(definition))  # as it reads back from the checkpoint (lists, not tuples)
