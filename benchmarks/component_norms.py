@@ -13,7 +13,9 @@ LoRA adapter in ``adapter/``). For component k of each module, with s the adapte
   0.56, 5/9, for a Kaiming uniform draw);
 
 printed as min / median / max over the modules that have a k-th component, then the whole update
-``||s B A||_F`` of each module (min / median / max) and its ratio to ``||W0||_F``.
+``||s B A||_F`` of each module (min / median / max), its ratio to ``||W0||_F``, and how the
+components add up: ``||s B A||_F / sqrt(sum_k ||s b_k a_k||_F^2)``, 1 when they are orthogonal
+to one another (their norms add in quadrature), sqrt(k) when all k point the same way.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def component_rows(factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]],
                          "spread": (a[k].norm() ** 4 / (a[k] ** 4).sum() / a.shape[1]).item()})
             w = w + comp
         total = (s * b @ a).norm().item()
-        out[name] = {"components": rows, "total": total, "total_ratio": total / w0}
+        coherence = total / sum(c["norm"] ** 2 for c in rows) ** 0.5 if any(c["norm"] for c in rows) else 0.0
+        out[name] = {"components": rows, "total": total, "total_ratio": total / w0, "coherence": coherence}
     return out
 
 
@@ -100,6 +103,8 @@ def table(rows: dict[str, dict]) -> list[str]:
                      f"| {statistics.median(c['spread'] for c in have):.3g} |")
     lines.append(f"| whole update | {len(rows)} | {_spread([r['total'] for r in rows.values()], '.3g')} "
                  f"| {_spread([r['total_ratio'] for r in rows.values()], '.2e')} | | | |")
+    lines.append(f"| how they add up: norm of the sum / root sum of squares (1: orthogonal) | {len(rows)} "
+                 f"| {_spread([r['coherence'] for r in rows.values()], '.3g')} | | | | |")
     return lines
 
 

@@ -32,6 +32,17 @@ def test_rows_match_a_numpy_computation():
     assert flat["components"][0]["spread"] == pytest.approx(1.0)  # every entry the same size
     assert rows["total"] == pytest.approx(np.linalg.norm(s * b @ a), rel=1e-12)
     assert rows["total_ratio"] == pytest.approx(np.linalg.norm(s * b @ a) / np.linalg.norm(w0), rel=1e-12)
+    norms = [np.linalg.norm(s * np.outer(b[:, k], a[k])) for k in range(3)]
+    assert rows["coherence"] == pytest.approx(np.linalg.norm(s * b @ a) / np.sqrt(np.sum(np.square(norms))), rel=1e-12)
+
+
+def test_coherence_is_one_for_orthogonal_components_and_sqrt_k_for_aligned_ones():
+    w0 = torch.eye(4, dtype=torch.float64)
+    eye = torch.eye(4, dtype=torch.float64)[:3]
+    orthogonal = load().component_rows({"m": (1.0, eye, eye.T.clone())}, {"m": w0})["m"]
+    aligned = load().component_rows({"m": (1.0, torch.ones(3, 4), torch.ones(4, 3))}, {"m": w0})["m"]
+    assert orthogonal["coherence"] == pytest.approx(1.0)
+    assert aligned["coherence"] == pytest.approx(3 ** 0.5)
 
 
 def test_an_aroma_adapter_and_its_lora_export_give_the_same_update(tmp_path):
