@@ -213,6 +213,32 @@ def test_reinit_gives_zero_b_and_bounded_nonzero_kaiming_a(r):
     assert layer.lora_A.abs().max() <= 1 / math.sqrt(IN)
 
 
+def test_init_scale_scales_the_kaiming_draw_of_the_first_and_every_reinitialized_a():
+    """AromaConfig.init_scale: a is exactly the scale-1 draw of the same (seed, index, component) times it."""
+    plain = AromaLinear(nn.Linear(IN, OUT), r=2, alpha=ALPHA, seed=3, index=5)
+    small = AromaLinear(nn.Linear(IN, OUT), r=2, alpha=ALPHA, seed=3, index=5, init_scale=0.1)
+    for component in range(3):
+        assert torch.equal(small.lora_A, plain.lora_A * 0.1), component
+        assert small.lora_A.abs().max() <= 0.1 / math.sqrt(IN)
+        assert torch.count_nonzero(small.lora_B) == 0
+        for layer in (plain, small):
+            with torch.no_grad():
+                layer.lora_B.fill_(0.5)
+            layer.merge_live()
+            layer.reinit_live()
+        assert small.num_merged == component + 1
+
+
+def test_init_scale_reaches_every_layer_and_is_validated():
+    model = get_aroma_model(tiny_bert(), AromaConfig(target_modules=["query", "value"], init_scale=0.25))
+    reference = get_aroma_model(tiny_bert(), AromaConfig(target_modules=["query", "value"]))
+    pairs = list(zip(model.aroma_layers.values(), reference.aroma_layers.values()))
+    assert pairs and all(torch.equal(a.lora_A, b.lora_A * 0.25) for a, b in pairs)
+    for bad in (0, -1.0, float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match=r"AromaConfig.init_scale=.* is invalid: expected a finite number > 0"):
+            AromaConfig(init_scale=bad)
+
+
 def test_reinit_is_a_fixed_function_of_seed_index_and_num_merged():
     def initial_a(seed, index, n_merges):
         layer, *_ = build("fp32_linear", r=2, n_merges=n_merges, live=False, seed=seed)

@@ -184,7 +184,11 @@ def no_model_loading(monkeypatch):
     ({"method_options": MethodOptions(max_inner_steps=4, check_interval=2, restart_warmup_steps=1, eps_out=0.05,
                                       reinit="gradient-sign")},
      r"--reinit: 'kaiming' in the checkpoint, 'gradient-sign' now"),
-], ids=["model", "batch_size", "train_limit", "max_seq_len", "lr", "max_steps", "seed", "eps_out", "reinit"])
+    ({"method_options": MethodOptions(max_inner_steps=4, check_interval=2, restart_warmup_steps=1, eps_out=0.05,
+                                      init_scale=0.1)},
+     r"--init-scale: 1\.0 in the checkpoint, 0\.1 now"),
+], ids=["model", "batch_size", "train_limit", "max_seq_len", "lr", "max_steps", "seed", "eps_out", "reinit",
+        "init_scale"])
 def test_a_resume_with_other_options_is_refused_before_compute_and_changes_nothing(
         model_dir, mrpc_dir, checkpointed, tmp_path, monkeypatch, change, match):
     import shutil

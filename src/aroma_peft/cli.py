@@ -50,6 +50,7 @@ METHOD_OPTIONS = [
     ("reset", "optimizer reset after a merge: prune, zero or none"),
     ("reinit", "AROMA's new a after a merge: kaiming (the paper), gradient (the weight gradient's top direction) "
                "or gradient-sign"),
+    ("init-scale", "AROMA/ReLoRA: every new a is the Kaiming draw times this (1: the paper)"),
     ("loraplus-lr-ratio", "LoRA+: the B factors train at --lr times this (LoRA, DoRA, AdaLoRA, AROMA, ReLoRA)"),
     ("lr-decay", "learning-rate decay after the warmup: linear or cosine (every method)"),
     ("min-lr-ratio", "learning rate at the last step, as a fraction of --lr (every method)"),

@@ -83,6 +83,10 @@ class AromaConfig(PeftConfig):
             idea, see ``grad_sketch.py`` and docs/algorithm.md), or ``"gradient-sign"`` (the signs of
             that vector, every entry the same size: the direction Adam's first steps on ``a`` take).
             The first component is Kaiming in every mode.
+        init_scale: every new ``a`` (the first and each re-initialized one) is the Kaiming draw times
+            this (1: the paper; in the gradient modes, the norm that direction is given). A small
+            one (0.1) lets a component's own training set its direction instead of the random draw
+            (docs/algorithm.md, "Re-initialization"; docs/study.md measures it).
         train_heads_after_convergence: when every adapted module has converged before T and
             ``modules_to_save`` is not empty, keep training those heads alone until T instead of
             stopping (see docs/algorithm.md).
@@ -111,6 +115,7 @@ class AromaConfig(PeftConfig):
     reset: str = "prune"
     prune_ratio: float = 0.999
     reinit: str = "kaiming"
+    init_scale: float = 1.0
     train_heads_after_convergence: bool = True
     seed: int = 0
     max_nonfinite_steps: int = 10
@@ -179,6 +184,9 @@ class AromaConfig(PeftConfig):
             _fail("reset", self.reset, f"one of {RESET_MODES}")
         if self.reinit not in REINIT_MODES:
             _fail("reinit", self.reinit, f"one of {REINIT_MODES}")
+        if isinstance(self.init_scale, bool) or not isinstance(self.init_scale, (int, float)) \
+                or not 0.0 < self.init_scale < float("inf"):
+            _fail("init_scale", self.init_scale, "a finite number > 0")
         if isinstance(self.prune_ratio, bool) or not isinstance(self.prune_ratio, (int, float)) \
                 or not 0.0 < self.prune_ratio <= 1.0:
             _fail("prune_ratio", self.prune_ratio, "a number in (0, 1]")

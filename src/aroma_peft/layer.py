@@ -70,7 +70,8 @@ class AromaLinear(nn.Module):
         torch.Size([2, 8])
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, seed: int = 0, index: int = 0):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, seed: int = 0, index: int = 0,
+                 init_scale: float = 1.0):
         super().__init__()
         why = unsupported_base_layer(base_layer)
         if why is not None:
@@ -84,6 +85,7 @@ class AromaLinear(nn.Module):
         self.scaling = alpha / r
         self.seed = seed
         self.index = index
+        self.init_scale = init_scale  # every new a is the Kaiming draw times this (AromaConfig.init_scale)
         self.active = True  # False once converged (or stopped at T): the live factors are frozen and unused
         self.grad_sketch = None  # a GradientSketch unless AromaConfig.reinit == "kaiming" (the controller sets it)
         self.disabled = False  # True inside AromaModel.disable_adapter(): the base layer alone (the reference output)
@@ -230,13 +232,16 @@ class AromaLinear(nn.Module):
     # ---------------------------------------------------------------- Merge & Reinit
     @torch.no_grad()
     def reinit_live(self, direction: torch.Tensor | None = None) -> None:
-        """a <- Kaiming uniform (as PEFT's LoRA A), b <- 0; seeded by (seed, module index, component).
+        """a <- Kaiming uniform (as PEFT's LoRA A) times ``init_scale``, b <- 0; seeded by (seed, module
+        index, component).
 
         ``direction`` (r x in, unit rows; ``reinit="gradient"`` or ``"gradient-sign"``): ``a`` takes
-        these rows instead, scaled to the Frobenius norm of the Kaiming draw, so only the direction changes."""
+        these rows instead, scaled to the Frobenius norm of the (scaled) Kaiming draw, so only the direction changes."""
         g = torch.Generator().manual_seed(derived_seed(self.seed, self.index, self.num_merged, 0))
         a = torch.empty(self.lora_A.shape, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+        if self.init_scale != 1.0:
+            a.mul_(self.init_scale)
         if direction is not None:
             a = direction.to(torch.float32).cpu() * (torch.linalg.vector_norm(a) / math.sqrt(self.r))
         copy_full_(self.lora_A, a)

@@ -52,6 +52,7 @@ class MethodOptions:
     min_lr_ratio: float = _aroma("min_lr_ratio")
     reset: str = _aroma("reset")
     reinit: str = _aroma("reinit")  # AROMA's new a after a merge: "kaiming" (the paper), "gradient", "gradient-sign"
+    init_scale: float = _aroma("init_scale")  # AROMA/ReLoRA: every new a is the Kaiming draw times this
     # LoRA+ (Hayou et al. 2024; PEFT's create_loraplus_optimizer): the B factors train at lr x this ratio
     loraplus_lr_ratio: float = 1.0
     train_heads_after_convergence: bool = _aroma("train_heads_after_convergence")
@@ -151,7 +152,7 @@ def _prepare_aroma(method, base, opts, max_steps, warmup_steps, seed) -> MethodR
         outer_criterion=opts.outer_criterion, converged_component=opts.converged_component,
         check_interval=opts.check_interval, max_inner_steps=opts.max_inner_steps, max_steps=max_steps,
         warmup_steps=warmup_steps, restart_warmup_steps=opts.restart_warmup_steps, reset=opts.reset,
-        reinit=opts.reinit, lr_decay=opts.lr_decay, min_lr_ratio=opts.min_lr_ratio,
+        reinit=opts.reinit, init_scale=opts.init_scale, lr_decay=opts.lr_decay, min_lr_ratio=opts.min_lr_ratio,
         train_heads_after_convergence=opts.train_heads_after_convergence, seed=seed)
     model = get_aroma_model(base, config)
     controller = AromaController(model)

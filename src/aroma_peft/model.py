@@ -117,7 +117,8 @@ class AromaModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         for i, name in enumerate(targets):
-            _set_submodule(model, name, AromaLinear(model.get_submodule(name), config.r, config.alpha, config.seed, i))
+            _set_submodule(model, name, AromaLinear(model.get_submodule(name), config.r, config.alpha, config.seed, i,
+                                                   config.init_scale))
         for name in self.modules_to_save_names:
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)

@@ -104,6 +104,7 @@ OPTION_RULES = {
     "delta_t": _POSITIVE_INT, "orth_reg_weight": _NONNEG,
     "reset": (f"one of {RESET_MODES}", lambda v: v in RESET_MODES),
     "reinit": (f"one of {REINIT_MODES}", lambda v: v in REINIT_MODES), "loraplus_lr_ratio": _POSITIVE,
+    "init_scale": _POSITIVE,
     "outer_criterion": (f"one of {OUTER_CRITERIA}", lambda v: v in OUTER_CRITERIA),
     "converged_component": (f"one of {CONVERGED_COMPONENT}", lambda v: v in CONVERGED_COMPONENT),
 }
@@ -115,7 +116,7 @@ _NONE_ALLOWED = {"epochs", "max_steps", "save_steps", "train_limit", "train_limi
 # AROMA's re-initialization and LoRA+): a run's definition records one only where it differs from its
 # default, and a checkpoint that lacks one was made at its default, so an older checkpoint still resumes.
 _LATER_OPTIONS = ("family", "mixed_precision", "grad_accum", "train_file", "train_tasks", "decoder_only")
-_LATER_METHOD_OPTIONS = ("reinit", "loraplus_lr_ratio")
+_LATER_METHOD_OPTIONS = ("reinit", "loraplus_lr_ratio", "init_scale")
 
 
 def _later_defaults(opts: TrainOptions) -> dict:
