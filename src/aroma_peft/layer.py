@@ -240,8 +240,7 @@ class AromaLinear(nn.Module):
         g = torch.Generator().manual_seed(derived_seed(self.seed, self.index, self.num_merged, 0))
         a = torch.empty(self.lora_A.shape, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
-        if self.init_scale != 1.0:
-            a.mul_(self.init_scale)
+        a.mul_(self.init_scale)  # exact for the default 1.0
         if direction is not None:
             a = direction.to(torch.float32).cpu() * (torch.linalg.vector_norm(a) / math.sqrt(self.r))
         copy_full_(self.lora_A, a)
