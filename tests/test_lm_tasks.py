@@ -262,6 +262,44 @@ def test_zero_shot_summarization_is_one_evaluation_at_step_0(llama_dir, tmp_path
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0]
 
 
+def _family(**changes):
+    return S.SummarizationFamily(T.TrainOptions(**(dict(task="summarization", family="summarization", model="m",
+                                                         data_dir="d") | changes)))
+
+
+def test_the_target_length_cuts_training_summaries_in_both_model_kinds():
+    """Table 14's Max Target Length is one number: ``max_new_tokens`` bounds the generated summary and cuts
+    the training one (the word tokenizer makes the counts hand-countable)."""
+    tok = word_tokenizer()
+    ex = [{"document": " ".join(["dog"] * 50), "summary": "cat dog ran big small red blue true"}]  # 8 words
+    (seq,) = _family(max_new_tokens=5).encode(tok, ex, max_len=40)
+    assert len(seq["labels"]) == 5 and len(seq["input_ids"]) == 40
+    (dec,) = _family(max_new_tokens=5, decoder_only=True).encode(tok, ex, max_len=40)
+    target = [t for t in dec["labels"] if t != IGNORE]
+    assert tok.convert_ids_to_tokens(target) == ["cat", "dog", "ran", "big", "small", "</s>"]  # 5 words + end
+    assert len(dec["input_ids"]) <= 40  # the document gave way: the whole target is in the row
+    (long,) = _family(max_new_tokens=20, decoder_only=True).encode(tok, ex, max_len=60)
+    assert len([t for t in long["labels"] if t != IGNORE]) == 9  # shorter than the cut: whole, and the end
+    with pytest.raises(ValueError, match=r"--max-seq-len 40 leaves no room for the document .* --max-new-tokens 35"):
+        _family(max_new_tokens=35, decoder_only=True).encode(tok, ex, max_len=40)
+
+
+def test_no_generation_length_is_allowed_and_a_bad_one_is_named(tmp_path):
+    opts = summ_options(tmp_path / "m", tmp_path / "x.jsonl", tmp_path / "run", max_new_tokens=None)
+    T.validate(opts)  # None is allowed: the family's default
+    with pytest.raises(ValueError, match=r"--max-new-tokens must be a positive integer, got 0"):
+        T.validate(summ_options(tmp_path / "m", tmp_path / "x.jsonl", tmp_path / "run", max_new_tokens=0))
+
+
+def test_each_family_records_its_own_default_generation_length(llama_dir, commonsense_dir, tmp_path):
+    T.run(summ_options(llama_dir, xsum_file(tmp_path / "x.jsonl"), tmp_path / "s", decoder_only=True,
+                       max_new_tokens=None, max_steps=0))
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["max_new_tokens"] == 64  # XSum's length
+    T.run(commonsense_options(llama_dir, commonsense_dir, tmp_path / "c", max_new_tokens=None, max_steps=0,
+                              eval_mode="loglik"))
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["max_new_tokens"] == 32  # as before
+
+
 def test_a_causal_lm_without_decoder_only_is_named(llama_dir, tmp_path):
     with pytest.raises(ValueError, match=r"not a seq2seq LM .* \(it is a causal LM .*; pass --decoder-only\)"):
         T.run(summ_options(llama_dir, xsum_file(tmp_path / "x.jsonl"), tmp_path / "run"))

@@ -119,7 +119,7 @@ _LLAMA3_AROMA_R8 = {"r": 8, "alpha": 16.0, "max_seq_len": 256, "batch_size": 32,
                     "max_inner_steps": 2000, "check_interval": 10, "eps_in": 0.1, "eps_out": 1e-2,
                     "eval_batch_size": 8}
 # Table 14 of the paper (BART-large on XSum), AROMA only: Max Source Length 768 is max_seq_len, Max Target
-# Length 142 the generation length (training targets are cut at summarization.MAX_TARGET_LEN). Epoch 30 and
+# Length 142 the target length (max_new_tokens: training summaries are cut at it and generated up to it). Epoch 30 and
 # T = 100,000: T is the run length. eps_in and ΔT_in are not in the table: the built-in defaults apply.
 _BART_LARGE_AROMA = {"r": 1, "alpha": 4.0, "max_seq_len": 768, "max_new_tokens": 142, "batch_size": 64, "lr": 2e-4,
                      "max_steps": 100_000, "max_inner_steps": 5000, "eps_out": 4e-3}

@@ -18,7 +18,6 @@ from ..pretrained import CAUSAL_LM, SEQ2SEQ_LM
 from .lm import generate, pad_rows, prompt_target_rows, seq2seq_rows
 
 TRAIN_FRACTION = 0.8
-MAX_TARGET_LEN = 64  # XSum summaries are one sentence
 
 
 def decoder_prompt(document: str) -> str:
@@ -90,11 +89,22 @@ class SummarizationFamily:
         return []
 
     def encode(self, tokenizer, examples, max_len: int) -> list[dict]:
-        docs, sums = [e["document"] for e in examples], [e["summary"] for e in examples]
+        # One target length, as Table 14's Max Target Length: summaries are cut at it in training and
+        # generated up to it.
+        docs, sums, target_len = [e["document"] for e in examples], [e["summary"] for e in examples], self.opts.max_new_tokens
         if self.decoder_only:
-            prompts = [decoder_prompt(_truncate(tokenizer, d, max_len - MAX_TARGET_LEN)) for d in docs]
-            return prompt_target_rows(tokenizer, prompts, sums, max_len)
-        return seq2seq_rows(tokenizer, docs, sums, max_len, MAX_TARGET_LEN)
+            return prompt_target_rows(tokenizer, self._prompts(tokenizer, docs, max_len),
+                                      [_truncate(tokenizer, t, target_len) for t in sums], max_len)
+        return seq2seq_rows(tokenizer, docs, sums, max_len, target_len)
+
+    def _prompts(self, tokenizer, documents: list[str], max_len: int) -> list[str]:
+        """Decoder prompts whose document gives way, so that the prompt's frame and a whole target (and the
+        end of sequence) fit in ``max_len``: the same in training and at generation."""
+        room = max_len - self.opts.max_new_tokens - len(tokenizer(decoder_prompt(""))["input_ids"]) - 1
+        if room < 1:
+            raise ValueError(f"--max-seq-len {max_len} leaves no room for the document beside the prompt and "
+                             f"--max-new-tokens {self.opts.max_new_tokens}")
+        return [decoder_prompt(_truncate(tokenizer, d, room)) for d in documents]
 
     def collate(self, tokenizer, rows, length=None) -> dict:
         return pad_rows(tokenizer, rows, length)
@@ -105,8 +115,8 @@ class SummarizationFamily:
     def summarize(self, model, tokenizer, documents: list[str], batch_size: int, device) -> list[str]:
         max_len = self.opts.max_seq_len
         if self.decoder_only:
-            prompts = [decoder_prompt(_truncate(tokenizer, d, max_len - self.opts.max_new_tokens)) for d in documents]
-            texts = generate(model, tokenizer, prompts, batch_size, self.opts.max_new_tokens, max_len, device)
+            texts = generate(model, tokenizer, self._prompts(tokenizer, documents, max_len), batch_size,
+                             self.opts.max_new_tokens, max_len, device)
             return [t.strip().split("\n")[0] for t in texts]  # the summary is one line
         return generate(model, tokenizer, documents, batch_size, self.opts.max_new_tokens, max_len, device,
                         seq2seq=True)
