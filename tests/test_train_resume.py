@@ -393,3 +393,51 @@ def test_a_truncated_controller_state_names_the_file(model_dir, mrpc_dir, tmp_pa
     path.write_text(path.read_text()[:50])
     with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
         T.run(options(model_dir, mrpc_dir, run_dir, max_steps=6, warmup_steps=1, resume=True))
+
+
+class FakeCudaGenerator:
+    """torch.cuda's generator calls, on a CPU generator: the CUDA branch of the checkpoint, run on CPU."""
+
+    def __init__(self):
+        self.gen = torch.Generator().manual_seed(7)
+        self.set_calls = []
+
+    def get_rng_state(self, device=None):
+        assert torch.device(device).type == "cuda"
+        return self.gen.get_state()
+
+    def set_rng_state(self, state, device=None):
+        assert torch.device(device).type == "cuda"
+        self.set_calls.append(state.clone())
+        self.gen.set_state(state)
+
+
+def test_on_a_gpu_the_checkpoint_keeps_and_restores_the_device_generator(monkeypatch):
+    fake = FakeCudaGenerator()
+    monkeypatch.setattr(torch.cuda, "get_rng_state", fake.get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", fake.set_rng_state)
+    torch.rand(3, generator=fake.gen)  # both streams somewhere past their seeds
+    torch.rand(5)
+    tensors = R.rng_tensors(R.torch_rng_states(1, "cuda:0"))
+    assert set(tensors) == {"torch_rng", "cuda_rng"}
+    expected_cpu, expected_cuda = torch.rand(4), torch.rand(4, generator=fake.gen)  # what comes next
+    torch.rand(9), torch.rand(9, generator=fake.gen)  # both streams move on, as training would
+    R.restore_torch_rng(tensors, rank=0, device="cuda:0")
+    assert torch.equal(torch.rand(4), expected_cpu)
+    assert torch.equal(torch.rand(4, generator=fake.gen), expected_cuda)  # the device stream continues too
+    # A CPU checkpoint resumed on a GPU continues the CPU stream and leaves the device's alone.
+    R.restore_torch_rng({"torch_rng": tensors["torch_rng"]}, rank=0, device="cuda:0")
+    assert len(fake.set_calls) == 1
+
+
+def test_on_cpu_the_checkpoint_holds_no_device_generator(checkpointed):
+    tensors = load_file(str(checkpointed / "checkpoint" / "optimizer.safetensors"))
+    assert "extra.torch_rng" in tensors and not any("cuda_rng" in k for k in tensors)
+
+
+def test_each_process_keeps_its_own_generators_under_names_of_its_rank():
+    states = [{"cpu": torch.tensor([r], dtype=torch.uint8), "cuda": torch.tensor([10 + r], dtype=torch.uint8)}
+              for r in range(3)]
+    names = {k: int(v) for k, v in R.rng_tensors(states).items()}
+    assert names == {"torch_rng": 0, "cuda_rng": 10, "torch_rng.rank1": 1, "cuda_rng.rank1": 11,
+                     "torch_rng.rank2": 2, "cuda_rng.rank2": 12}

@@ -146,7 +146,7 @@ def train_loop(job: Job, state: LoopState) -> tuple[list[float], list[float]]:
         if state.step % job.eval_steps == 0 or done:
             _evaluate_and_record(job, state)
         if state.step % job.save_steps == 0 and not done:
-            torch_rng = torch_rng_states(world)  # a collective: every process takes part
+            torch_rng = torch_rng_states(world, acc.device)  # a collective: every process takes part
             if acc.is_main_process:
                 save_checkpoint(job.out, run, _inner(job.optimizer), job.scheduler, job.data_rng, job.guard, torch_rng,
                                 state.position_record() | {"run": job.definition})

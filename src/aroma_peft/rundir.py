@@ -81,24 +81,47 @@ class NoWriter:
 CHECKPOINT = "checkpoint"
 
 
-def torch_rng_states(world: int) -> list[torch.Tensor]:
-    """The torch generator state of every process (dropout streams differ between processes)."""
-    state = torch.get_rng_state()
+def torch_rng_states(world: int, device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Every process's torch generator states (dropout streams differ between processes): ``"cpu"``,
+    and ``"cuda"`` (the process's own device generator) when it trains on a GPU, where dropout draws
+    from that one. Gathered as objects, so that it works over NCCL as over gloo."""
+    device = torch.device(device)
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     if world == 1:
         return [state]
     import torch.distributed as dist
 
-    states = [torch.empty_like(state) for _ in range(world)]
-    dist.all_gather(states, state)
+    states: list = [None] * world
+    dist.all_gather_object(states, state)
     return states
 
 
-def _torch_rng_key(rank: int) -> str:
-    return "torch_rng" if rank == 0 else f"torch_rng.rank{rank}"
+_RNG_KEYS = {"cpu": "torch_rng", "cuda": "cuda_rng"}
+
+
+def _torch_rng_key(rank: int, kind: str = "cpu") -> str:
+    return _RNG_KEYS[kind] if rank == 0 else f"{_RNG_KEYS[kind]}.rank{rank}"
+
+
+def rng_tensors(torch_rng: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``torch_rng_states``' result as the checkpoint's named tensors (rank 0 keeps the unsuffixed names)."""
+    return {_torch_rng_key(r, kind): t for r, states in enumerate(torch_rng) for kind, t in states.items()}
+
+
+def restore_torch_rng(tensors: dict[str, torch.Tensor], rank: int, device: torch.device | str = "cpu") -> None:
+    """Set this process's generators from a checkpoint's tensors. On a GPU the device generator is
+    restored too, when the checkpoint was written on one (a CPU checkpoint resumed on a GPU continues
+    the CPU stream only: there is no device stream to continue)."""
+    torch.set_rng_state(tensors[_torch_rng_key(rank)])
+    device = torch.device(device)
+    if device.type == "cuda" and _torch_rng_key(rank, "cuda") in tensors:
+        torch.cuda.set_rng_state(tensors[_torch_rng_key(rank, "cuda")], device)
 
 
 def save_checkpoint(out: Path, method_run: MethodRun, optimizer, scheduler, gen: torch.Generator,
-                    guard: NonFiniteGuard, torch_rng: list[torch.Tensor], position: dict) -> None:
+                    guard: NonFiniteGuard, torch_rng: list[dict[str, torch.Tensor]], position: dict) -> None:
     """Write OUT/checkpoint: the adapter and controller, the optimizer, the schedule, the data
     position and every RNG state (torch's of every process). It is written beside the previous one
     and swapped in by renames, so a process killed at any moment leaves a complete checkpoint (the
@@ -107,8 +130,7 @@ def save_checkpoint(out: Path, method_run: MethodRun, optimizer, scheduler, gen:
     shutil.rmtree(tmp, ignore_errors=True)
     method_run.save(tmp)
     extra = position | {"python_random": _jsonable(random.getstate()), "nonfinite": guard.state_dict()}
-    rng = {_torch_rng_key(r): state for r, state in enumerate(torch_rng)}
-    save_training_state(tmp, optimizer, scheduler, extra=extra, tensors=rng | {"data_rng": gen.get_state()})
+    save_training_state(tmp, optimizer, scheduler, extra=extra, tensors=rng_tensors(torch_rng) | {"data_rng": gen.get_state()})
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -157,13 +179,13 @@ def find_checkpoint(out: Path) -> Path | None:
 
 
 def resume(checkpoint: Path, method_run: MethodRun, optimizer, scheduler, gen: torch.Generator,
-           guard: NonFiniteGuard, rank: int) -> LoopState:
+           guard: NonFiniteGuard, rank: int, device: torch.device | str = "cpu") -> LoopState:
     """Load a checkpoint into the freshly prepared run; returns where the loop stood."""
     load_adapter_into(method_run.model, checkpoint / "adapter")
     extra, tensors = load_training_state(checkpoint, optimizer, scheduler)
     method_run.controller.load_state_dict(load_controller_state(checkpoint / "adapter"))
     random.setstate(_python_random_state(extra["python_random"]))
-    torch.set_rng_state(tensors[_torch_rng_key(rank)])
+    restore_torch_rng(tensors, rank, device)
     gen.set_state(tensors["data_rng"])
     guard.load_state_dict(extra["nonfinite"])
     return LoopState(step=int(extra["step"]), order=list(extra["order"]), position=int(extra["position"]),

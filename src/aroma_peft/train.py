@@ -256,7 +256,7 @@ def run(opts: TrainOptions, splits: dict[str, list] | None = None) -> dict:
     guard = NonFiniteGuard(opts.max_nonfinite_steps)
     state = LoopState()
     if checkpoint is not None:
-        state = resume(checkpoint, method_run, optimizer, scheduler, gen, guard, rank)
+        state = resume(checkpoint, method_run, optimizer, scheduler, gen, guard, rank, accelerator.device)
         history.update(state.step)
     # The run directory is touched only now: a failed resume leaves it as it was.
     writer = RunWriter(out, accelerator) if main else NoWriter()
