@@ -20,13 +20,36 @@ from pathlib import Path
 from aroma_peft.schedule import lr_factor
 
 
-def rows(run_dir: Path) -> list[dict]:
+def _read(run_dir: Path) -> tuple[dict, dict, dict]:
     config = json.loads((run_dir / "config.json").read_text())
     method = config["method_options"]
     history = json.loads((run_dir / "rank_history.json").read_text())
     schedule = dict(max_steps=config["max_steps"], warmup_steps=config["warmup_steps"],
                     restart_warmup_steps=method["restart_warmup_steps"],
                     decay=method.get("lr_decay", "linear"), min_lr_ratio=method.get("min_lr_ratio", 0.0))  # older runs: the defaults
+    return config, history, schedule
+
+
+def head_rate(run_dir: Path) -> dict:
+    """The heads' learning-rate factor summed over the steps run: with the warmups restarted at every
+    inner-loop end that started a new component (one where some module merged, i.e. not all the
+    modules checked converged), and with the first warmup and the decay alone."""
+    config, history, schedule = _read(run_dir)
+    restarts = [c["step"] for c in history["outer_checks"] if len(c["converged"]) < len(c["modules"])]
+    steps = json.loads((run_dir / "final_metrics.json").read_text())["steps"] \
+        if (run_dir / "final_metrics.json").is_file() else config["max_steps"]
+    restart, actual = 0, 0.0
+    for s in range(steps):
+        if restarts and s == restarts[0]:
+            restart = restarts.pop(0)
+        actual += lr_factor(s, restart_step=restart, **schedule)
+    decay_only = sum(lr_factor(s, restart_step=0, **schedule) for s in range(steps))
+    return {"steps": steps, "restarts": sum(1 for c in history["outer_checks"] if len(c["converged"]) < len(c["modules"])),
+            "actual": actual, "decay_only": decay_only, "share": actual / decay_only}
+
+
+def rows(run_dir: Path) -> list[dict]:
+    config, history, schedule = _read(run_dir)
     out, start = [], 0
     for check in history["outer_checks"]:
         end = check["step"]
@@ -51,6 +74,9 @@ def table(run_dir: Path) -> str:
         lines.append(f"| {r['step']} | {r['inner_steps']} | {r['modules']} | {r['converged']} | "
                      f"{r['median']:.2e} ({r['min']:.2e} - {r['max']:.2e}) | {r['mean_lr_factor']:.3f} | "
                      f"{r['median_over_lr']:.2e} |")
+    h = head_rate(run_dir)
+    lines += ["", f"The heads' learning-rate factor summed over the {h['steps']} steps: {h['actual']:.1f} with the "
+                  f"{h['restarts']} restarted warmups, {h['decay_only']:.1f} with the decay alone ({100 * h['share']:.1f} %)."]
     return "\n".join(lines) + "\n"
 
 

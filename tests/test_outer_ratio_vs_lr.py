@@ -40,3 +40,23 @@ def test_a_folder_that_is_not_a_run_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load().main([str(tmp_path)])
     assert f"{tmp_path / 'config.json'}: not found" in capsys.readouterr().err
+
+
+def test_the_heads_rate_restarts_at_merges_only(tmp_path):
+    d = write_run(tmp_path / "run")
+    history = json.loads((d / "rank_history.json").read_text())
+    # a last check at which the one remaining module converges: no new component, no restart
+    history["outer_checks"].append({"step": 90, "inner_steps": 20, "modules": [0], "converged": [0], "eq6_ratio": [0.001]})
+    (d / "rank_history.json").write_text(json.dumps(history))
+
+    def factor(s, start, warmup):
+        return min(1.0, (100 - s) / 90) * min(1.0, (s - start + 1) / warmup)
+
+    actual = (sum(factor(s, 0, 10) for s in range(40)) + sum(factor(s, 40, 5) for s in range(40, 70))
+              + sum(factor(s, 70, 5) for s in range(70, 100)))
+    decay_only = sum(factor(s, 0, 10) for s in range(100))
+    h = load().head_rate(d)
+    assert h["steps"] == 100 and h["restarts"] == 2
+    assert h["actual"] == pytest.approx(actual, rel=1e-12) and h["decay_only"] == pytest.approx(decay_only, rel=1e-12)
+    assert h["share"] < 1.0
+    assert "2 restarted warmups" in load().table(d)
