@@ -99,6 +99,53 @@ def test_after_each_merge_a_is_the_top_direction_of_the_gradient_of_the_last_che
     assert merges >= 3
 
 
+def test_reinit_previous_keeps_the_merged_a_restarts_b_and_the_next_step_is_a_fresh_one():
+    """reinit="previous" (a diagnostic): after each merge a is the merged component's trained a, b is 0,
+    the model's function is unchanged, and the first step moves b by a fresh Adam step (lr at the
+    restarted warmup's first rate) while a, with b = 0, gets no gradient."""
+    model, opt, ctrl = make(reinit="previous", reset="zero")
+    layers = ctrl.layers
+    assert all(layer.grad_sketch is None for layer in layers)  # no sketch for this mode
+    data = synthetic_batches(10)
+    probe = data[0]
+    model.train()
+    merges = 0
+    for step in range(80):
+        model(**data[step % len(data)]).loss.backward()
+        opt.step(); ctrl.scheduler.step(); opt.zero_grad()
+        trained_a = [layer.lora_A.detach().clone() for layer in layers]
+        model.eval()
+        with torch.no_grad():
+            before = model(**probe).logits
+        model.train()
+        ctrl.step()
+        if ctrl.finished:
+            break
+        if ctrl.loop.inner_step == 0:  # every module merged at this step
+            merges += 1
+            for i, layer in enumerate(layers):
+                assert torch.equal(layer.lora_A.detach(), trained_a[i])
+                assert torch.equal(layer.merged_A[-1:], trained_a[i])
+                assert torch.count_nonzero(layer.lora_B) == 0
+            model.eval()
+            with torch.no_grad():
+                torch.testing.assert_close(model(**probe).logits, before, rtol=1e-5, atol=1e-6)
+            model.train()
+            # the first step of the new component, against a fresh Adam step
+            lr = opt.param_groups[0]["lr"]
+            model(**data[(step + 1) % len(data)]).loss.backward()
+            grad_b = [layer.lora_B.grad.clone() for layer in layers]
+            assert all(torch.count_nonzero(layer.lora_A.grad) == 0 for layer in layers)  # b = 0: no gradient for a
+            opt.step(); ctrl.scheduler.step(); opt.zero_grad()
+            wd, eps = opt.param_groups[0]["weight_decay"], opt.param_groups[0]["eps"]
+            for i, layer in enumerate(layers):
+                torch.testing.assert_close(layer.lora_A.detach(), trained_a[i] * (1 - lr * wd), rtol=1e-6, atol=0)
+                fresh = -lr * grad_b[i] / (grad_b[i].abs() + eps)  # Adam's first step from zeroed moments
+                torch.testing.assert_close(layer.lora_B.detach(), fresh, rtol=1e-4, atol=1e-9)
+            ctrl.step()
+    assert merges >= 3
+
+
 def test_resume_mid_window_is_bitwise_the_same_run(tmp_path):
     data = synthetic_batches(10)
 
@@ -139,7 +186,7 @@ def test_a_kaiming_checkpoint_does_not_resume_a_gradient_run(tmp_path):
 
 
 def test_reinit_is_validated():
-    with pytest.raises(ValueError, match=r"AromaConfig.reinit='svd' is invalid: expected one of \('kaiming', 'gradient', 'gradient-sign'\)"):
+    with pytest.raises(ValueError, match=r"AromaConfig.reinit='svd' is invalid: expected one of \('kaiming', 'gradient', 'gradient-sign', 'previous'\)"):
         AromaConfig(reinit="svd")
 
 

@@ -16,7 +16,7 @@ RESET_MODES = ("prune", "zero", "none")
 OUTER_CRITERIA = ("weight", "update")
 LR_DECAYS = ("linear", "cosine")
 CONVERGED_COMPONENT = ("discard", "merge")
-REINIT_MODES = ("kaiming", "gradient", "gradient-sign")
+REINIT_MODES = ("kaiming", "gradient", "gradient-sign", "previous")
 
 TargetModules = Union[str, tuple[str, ...]]
 
@@ -81,8 +81,10 @@ class AromaConfig(PeftConfig):
             the paper) or ``"gradient"`` (the top right singular vector(s) of the module's weight
             gradient over the last ``check_interval`` steps, at the Kaiming draw's norm; LoRA-GA's
             idea, see ``grad_sketch.py`` and docs/algorithm.md), or ``"gradient-sign"`` (the signs of
-            that vector, every entry the same size: the direction Adam's first steps on ``a`` take).
-            The first component is Kaiming in every mode.
+            that vector, every entry the same size: the direction Adam's first steps on ``a`` take),
+            or ``"previous"`` (a diagnostic, not the paper: ``a`` keeps the trained value of the
+            component just merged, so a new component starts from where the last one's input
+            direction ended; only ``b`` restarts at 0). The first component is Kaiming in every mode.
         init_scale: every new ``a`` (the first and each re-initialized one) is the Kaiming draw times
             this (1: the paper; in the gradient modes, the norm that direction is given). A small
             one (0.1) lets a component's own training set its direction instead of the random draw

@@ -57,7 +57,7 @@ class AromaController:
                              max_inner_steps=config.max_inner_steps, eps_out=config.eps_out,
                              max_steps=self.max_steps, stop_when_converged=not heads_remain,
                              merge_converged=config.converged_component == "merge")
-        if config.reinit != "kaiming":  # each layer's weight gradient, sketched, for its next a
+        if config.reinit in ("gradient", "gradient-sign"):  # each layer's weight gradient, sketched, for its next a
             for i, layer in enumerate(self.layers):
                 layer.grad_sketch = GradientSketch(layer.in_features, layer.out_features, layer.r, config.seed, i,
                                                    device=layer.lora_A.device)
@@ -187,7 +187,10 @@ class AromaController:
         for i in d.merged:
             layer = self.layers[i]
             layer.merge_live()
-            layer.reinit_live(self._gradient_direction(i))
+            if self.config.reinit == "previous":
+                layer.restart_b()
+            else:
+                layer.reinit_live(self._gradient_direction(i))
             if self.optimizer is not None:
                 reset_optimizer_state(self.optimizer, [layer.lora_A, layer.lora_B], mode=self.config.reset,
                                       prune_ratio=self.config.prune_ratio,

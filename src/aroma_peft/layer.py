@@ -247,6 +247,12 @@ class AromaLinear(nn.Module):
         self.lora_B.zero_()
 
     @torch.no_grad()
+    def restart_b(self) -> None:
+        """``reinit="previous"``: b <- 0 and ``a`` kept as trained, so the next component starts from
+        the merged one's input direction."""
+        self.lora_B.zero_()
+
+    @torch.no_grad()
     def append_merged(self, b: torch.Tensor, a: torch.Tensor) -> None:
         """Add the component s*b@a to the merged update (folding it into W0 when fp32)."""
         b = b.to(device=self.merged_B.device, dtype=torch.float32)
