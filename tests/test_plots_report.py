@@ -7,7 +7,7 @@ import pytest
 from matplotlib.image import imread
 
 from aroma_peft.plots import default_modules, parse_layer_and_type, plot_rank_distribution, plot_training
-from aroma_peft.report import compare_runs, format_count, load_run, trainable_mean, write_report
+from aroma_peft.report import compare_metrics, compare_runs, format_count, load_run, trainable_mean, write_report
 
 TYPES = ["attention.self.query", "attention.self.value", "attention.output.dense", "output.dense"]
 MODULES = [f"bert.encoder.layer.{layer}.{t}" for layer in range(3) for t in TYPES] + ["classifier.dense"]
@@ -224,6 +224,68 @@ def test_run_never_evaluated(tmp_path):
     assert "accuracy: not evaluated" in write_report(run).read_text()
     with pytest.raises(ValueError, match="main metric 'accuracy' not among its metrics"):
         compare_runs([run])
+
+
+def lm_run(path: Path, method: str, scores: dict, *, task="commonsense", zero_shot=False,
+           floor=None, trainable=(1_658_880, 1_658_880.0, 1_658_880), steps=250) -> Path:
+    """A run directory's final_metrics.json for a multi-metric family (all compare_metrics reads)."""
+    final = {"task": task, "method": method, "model": "smollm2", "main_metric": "average", "metrics": scores,
+             "majority_baseline": floor or {"boolq_accuracy": 0.62, "piqa_accuracy": 0.51, "average": 0.565},
+             "trainable_params": dict(zip(("initial", "mean", "final"), trainable)), "total_rank": 1200,
+             "steps": steps, "stopped_early": False, "wall_time_s": 1234.4, "mean_step_time_s": 4.9}
+    if zero_shot:
+        final["zero_shot"] = True
+    path.mkdir(parents=True)
+    (path / "final_metrics.json").write_text(json.dumps(final))
+    return path
+
+
+class TestCompareMetrics:
+    def test_a_row_per_run_a_column_per_metric(self, tmp_path):
+        zs = lm_run(tmp_path / "zs", "lora", {"boolq_accuracy": 0.5, "piqa_accuracy": 0.25, "average": 0.375},
+                    zero_shot=True, steps=0)
+        lora = lm_run(tmp_path / "lora", "lora", {"boolq_accuracy": 0.65, "piqa_accuracy": 0.55, "average": 0.6})
+        aroma = lm_run(tmp_path / "aroma", "aroma", {"boolq_accuracy": 0.7, "piqa_accuracy": 0.5, "average": 0.6},
+                       trainable=(207_360, 150_000.0, 0))
+        rows = _rows(compare_metrics([zs, lora, aroma]))
+        assert rows[0] == ["method", "boolq_accuracy", "piqa_accuracy", "average", "#Param (initial / mean / final)",
+                           "total rank", "steps", "wall time (s)"]
+        assert rows[2] == ["zero-shot", "50.00", "25.00", "37.50", "-", "-", "0", "1234"]
+        assert rows[3] == ["lora", "65.00", "55.00", "60.00", "1.66M / 1.66M / 1.66M", "1200", "250", "1234"]
+        assert rows[4] == ["aroma", "70.00", "50.00", "60.00", "0.21M / 0.15M / 0.00M", "1200", "250", "1234"]
+        assert rows[5] == ["majority class", "62.00", "51.00", "56.50", "-", "-", "-", "-"]
+        assert len(rows) == 6
+
+    def test_summarization_floor_is_lead_1(self, tmp_path):
+        rouge = {"rouge1": 0.3, "rouge2": 0.1, "rougeL": 0.25}
+        run = lm_run(tmp_path / "a", "aroma", rouge, task="summarization", floor={"rouge1": 0.2, "rouge2": 0.05,
+                                                                                    "rougeL": 0.15})
+        table = compare_metrics([run])
+        assert _rows(table)[-1] == ["LEAD-1", "20.00", "5.00", "15.00", "-", "-", "-", "-"]
+        assert "(LEAD-1)" in table
+
+    def test_command_line(self, tmp_path, capsys):
+        from aroma_peft.cli import main
+
+        run = lm_run(tmp_path / "a", "aroma", {"boolq_accuracy": 0.7, "piqa_accuracy": 0.5, "average": 0.6})
+        assert main(["compare", "--per-metric", str(run), "--out", str(tmp_path / "t.md")]) == 0
+        assert "| aroma | 70.00 | 50.00 | 60.00 |" in capsys.readouterr().out
+        assert (tmp_path / "t.md").read_text().startswith("| method | boolq_accuracy |")
+
+    def test_refuses_what_cannot_share_a_table(self, tmp_path):
+        scores = {"boolq_accuracy": 0.5, "piqa_accuracy": 0.5, "average": 0.5}
+        a, b = lm_run(tmp_path / "a", "lora", scores), lm_run(tmp_path / "b", "lora", scores)
+        with pytest.raises(ValueError, match="two runs labelled 'lora'"):
+            compare_metrics([a, b])
+        other = lm_run(tmp_path / "c", "aroma", scores, floor={"boolq_accuracy": 0.6, "piqa_accuracy": 0.5,
+                                                               "average": 0.55})
+        with pytest.raises(ValueError, match="not scored on the same examples"):
+            compare_metrics([a, other])
+        empty = lm_run(tmp_path / "d", "aroma", {})
+        with pytest.raises(ValueError, match="no metrics: was the run ever evaluated"):
+            compare_metrics([empty])
+        with pytest.raises(ValueError, match="at least one run directory"):
+            compare_metrics([])
 
 
 # ---------------------------------------------------------------------- bad run directories

@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="a Table 2-style markdown table of several runs")
     compare.add_argument("run_dirs", nargs="+")
     compare.add_argument("--out", help="also write the table to this file")
+    compare.add_argument("--per-metric", action="store_true",
+                         help="one row per run and a column per metric (commonsense tasks, ROUGE-1/2/L)")
 
     export = sub.add_parser("export", help="export a run's result: a standard PEFT LoRA adapter or a merged model")
     export.add_argument("run_dir")
@@ -345,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_report(Path(args.run_dir)))
         elif args.command == "compare":
-            from .report import compare_runs
+            from .report import compare_metrics, compare_runs
 
-            table = compare_runs([Path(d) for d in args.run_dirs])
+            table = (compare_metrics if args.per_metric else compare_runs)([Path(d) for d in args.run_dirs])
             print(table)
             if args.out:
                 Path(args.out).write_text(table + "\n")

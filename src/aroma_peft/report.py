@@ -163,3 +163,45 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
     footnote = ("Main metric x100. #Param: trainable parameters, averaged over the row's runs. "
                 "Avg: mean over the tasks present in the row; \"-\" marks a task not run with that method.")
     return "\n".join(_table(header, rows) + ["", footnote]) + "\n"
+
+
+def compare_metrics(run_dirs: Sequence[str | Path]) -> str:
+    """One row per run, one column per metric (x100): the table of a multi-metric family.
+
+    Commonsense reports seven accuracies and summarization three ROUGE scores, which
+    ``compare_runs`` (one main metric per task) cannot show. Each row is labelled with its method, or
+    ``zero-shot`` for a ``--max-steps 0`` run; two runs with one label are an error. The last row is
+    the floor every run shares: LEAD-1 for summarization, the majority class otherwise.
+    """
+    if not run_dirs:
+        raise ValueError("compare_metrics needs at least one run directory")
+    finals, sources = {}, {}
+    for run_dir in run_dirs:
+        final = read_run_file(run_dir, "final_metrics.json")
+        label = "zero-shot" if final.get("zero_shot") else final["method"]
+        if label in sources:
+            raise ValueError(f"two runs labelled {label!r}: {sources[label]} and {run_dir}; compare one run per method")
+        if not final["metrics"]:
+            raise ValueError(f"{Path(run_dir) / 'final_metrics.json'}: no metrics: was the run ever evaluated?")
+        sources[label], finals[label] = Path(run_dir), final
+    first = next(iter(finals.values()))
+    names = list(first["metrics"])
+    for label, final in finals.items():
+        if list(final["metrics"]) != names or final["majority_baseline"] != first["majority_baseline"]:
+            raise ValueError(f"{sources[label]} and {sources[next(iter(finals))]} were not scored on the same "
+                             f"examples (their metrics or floors differ): compare runs of one evaluation")
+
+    def cells(scores: dict[str, float]) -> list[str]:
+        return [f"{100 * scores[n]:.2f}" if n in scores else "-" for n in names]
+
+    def run_cells(label: str, f: dict) -> list[str]:
+        trained = ["-", "-"] if label == "zero-shot" else [_params_cell(f["trainable_params"]), str(f["total_rank"])]
+        return trained + [str(f["steps"]), f"{f['wall_time_s']:.0f}"]
+
+    rows = [[label] + cells(f["metrics"]) + run_cells(label, f) for label, f in finals.items()]
+    floor = "LEAD-1" if first["task"] == "summarization" else "majority class"
+    rows.append([floor] + cells(first["majority_baseline"]) + ["-"] * 4)
+    header = ["method"] + names + ["#Param (initial / mean / final)", "total rank", "steps", "wall time (s)"]
+    footnote = (f"Metrics x100 on {first['task']}; #Param: trainable parameters; the last row is the floor "
+                f"({floor}) every run is read against.")
+    return "\n".join(_table(header, rows) + ["", footnote]) + "\n"
