@@ -372,15 +372,30 @@ class TestPresets:
         assert (o.max_seq_len, o.max_new_tokens, o.batch_size, o.lr, o.max_steps) == (768, 142, 64, 2e-4, 100_000)
         assert (m.r, m.alpha, m.max_inner_steps, m.eps_out) == (1, 4.0, 5000, 4e-3)
 
+    @pytest.mark.parametrize("family, steps, batch, seq", [("commonsense", 250, 8, 256), ("summarization", 100, 4, 512)])
+    def test_small_cpu_is_the_smollm2_benchmark(self, llama3_8b_dir, family, steps, batch, seq):
+        """small-cpu on a decoder: the settings of benchmarks/lm/smollm2.sh, for AROMA and LoRA r=8."""
+        aroma = self.resolve(family, "--model", str(llama3_8b_dir), "--preset", "small-cpu")
+        m = aroma.method_options
+        assert (aroma.max_steps, aroma.eval_steps, aroma.batch_size, aroma.max_seq_len) == (steps, steps, batch, seq)
+        assert (m.r, m.alpha, aroma.lr, m.max_inner_steps, m.eps_in, m.outer_criterion, m.eps_out) == \
+            (1, 2.0, 1e-3, 80, 0.1, "update", 0.15)
+        lora = self.resolve(family, "--model", str(llama3_8b_dir), "--preset", "small-cpu", "--method", "lora")
+        assert (lora.method_options.r, lora.method_options.alpha, lora.lr, lora.max_steps) == (8, 16.0, 5e-4, steps)
+
     @pytest.mark.parametrize("family, preset, model, match", [
-        ("commonsense", "small-cpu", "llama3_8b_dir",
-         r"--preset small-cpu is for glue, not commonsense: the commonsense presets are llama3-8b, llama3-8b-r8$"),
+        ("commonsense", "roberta-base", "llama3_8b_dir",
+         r"--preset roberta-base is for glue, not commonsense: the commonsense presets are small-cpu, llama3-8b, "
+         r"llama3-8b-r8$"),
         ("summarization", "llama3-8b", "bart_large_dir",
-         r"--preset llama3-8b is for commonsense, not summarization: the summarization presets are bart-large$"),
+         r"--preset llama3-8b is for commonsense, not summarization: the summarization presets are small-cpu, "
+         r"bart-large$"),
+        ("summarization", "small-cpu", "bart_large_dir", r"--preset small-cpu does not fit this model: .*'bart'"),
         ("commonsense", "llama3-70b", "llama3_8b_dir", r"--preset 'llama3-70b' is unknown: expected one of .*llama3-8b"),
         ("commonsense", "llama3-8b", "llama_dir", r"--preset llama3-8b does not fit this model: .*hidden size 4096"),
         ("summarization", "bart-large", "llama3_8b_dir", r"--preset bart-large does not fit this model: .*'llama'"),
-    ], ids=["glue-preset-for-commonsense", "commonsense-preset-for-summarization", "unknown", "tiny-llama",
+    ], ids=["glue-preset-for-commonsense", "commonsense-preset-for-summarization", "small-cpu-for-bart", "unknown",
+            "tiny-llama",
             "llama-for-bart"])
     def test_a_preset_of_another_family_or_model_is_a_named_error(self, request, family, preset, model, match):
         with pytest.raises(ValueError, match=match):

@@ -165,9 +165,9 @@ def _add_run_arguments(parser, data_help: str, modules_help: str) -> None:
     """The arguments every task family shares: model, method, data, run directory, engine, options."""
     parser.add_argument("--model", required=True, help="local model folder (with tokenizer) or hub id (online only)")
     parser.add_argument("--method", default="aroma", choices=METHODS, help="fine-tuning method")
-    parser.add_argument("--preset", help="named hyperparameters: GLUE roberta-base (paper Table 15) or small-cpu; "
-                                          "commonsense llama3-8b or llama3-8b-r8 (Table 13); summarization "
-                                          "bart-large (Table 14)")
+    parser.add_argument("--preset", help="named hyperparameters: GLUE roberta-base (paper Table 15); commonsense "
+                                          "llama3-8b or llama3-8b-r8 (Table 13); summarization bart-large (Table "
+                                          "14); small-cpu for every family (MiniLM / SmolLM2-size models on a CPU)")
     parser.add_argument("--data-dir", help=data_help)
     parser.add_argument("--out", help="run directory (default runs/TASK-METHOD-MODEL)")
     parser.add_argument("--target-modules", nargs="+", help="module-name suffixes to adapt (default: all linear layers)")

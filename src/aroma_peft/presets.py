@@ -124,22 +124,49 @@ _LLAMA3_AROMA_R8 = {"r": 8, "alpha": 16.0, "max_seq_len": 256, "batch_size": 32,
 _BART_LARGE_AROMA = {"r": 1, "alpha": 4.0, "max_seq_len": 768, "max_new_tokens": 142, "batch_size": 64, "lr": 2e-4,
                      "max_steps": 100_000, "max_inner_steps": 5000, "eps_out": 4e-3}
 
+# SmolLM2-135M-Instruct (30 layers, hidden 576) on a 2-core CPU, from benchmarks/lm/smollm2.sh (one thread a run,
+# about 10 s a step for commonsense): a budget that fits beside the zero-shot row in an hour, not one at which
+# the methods have converged (benchmarks/results/lm/). AROMA: Table 13's scale (r 1, alpha 2) at the learning
+# rate the MiniLM study chose for it; inner loops of at most 80 steps so that the run holds several
+# components; eq. (6) in its scale-free form, which needs no calibration against a new model's ||W0||.
+_SMALL_LM = {
+    "aroma": {"r": 1, "alpha": 2.0, "lr": 1e-3, "warmup_steps": 20, "max_inner_steps": 80, "check_interval": 10,
+              "eps_in": 0.1, "outer_criterion": "update", "eps_out": 0.15, "restart_warmup_steps": 10},
+    "lora": {"r": 8, "alpha": 16.0, "lr": 5e-4, "warmup_steps": 20},
+}
+_SMALL_FAMILY = {
+    "commonsense": {"max_steps": 250, "batch_size": 8, "eval_batch_size": 16, "max_seq_len": 256},
+    "summarization": {"max_steps": 100, "batch_size": 4, "eval_batch_size": 8, "max_seq_len": 512,
+                      "max_new_tokens": 64},
+}
+
+
+def _small_lm(family: str) -> dict:
+    steps = _SMALL_FAMILY[family]["max_steps"]
+    return {family: {method: _SMALL_FAMILY[family] | {"eval_steps": steps} | options
+                     for method, options in _SMALL_LM.items()}}
+
+
+# name -> family -> the preset: its options per task and method, and the models it fits.
 PRESETS = {
-    "roberta-base": {"family": "glue", "tasks": ROBERTA_BASE, "model_types": ("roberta",), "hidden_size": 768},
-    "small-cpu": {"family": "glue", "tasks": SMALL_CPU, "model_types": ("bert", "roberta", "distilbert", "electra"),
-                  "hidden_size": None},
-    "llama3-8b": {"family": "commonsense", "tasks": {"commonsense": {"aroma": _LLAMA3_AROMA_R1}},
-                  "model_types": ("llama",), "hidden_size": 4096},
-    "llama3-8b-r8": {"family": "commonsense", "tasks": {"commonsense": {"aroma": _LLAMA3_AROMA_R8}},
-                     "model_types": ("llama",), "hidden_size": 4096},
-    "bart-large": {"family": "summarization", "tasks": {"summarization": {"aroma": _BART_LARGE_AROMA}},
-                   "model_types": ("bart",), "hidden_size": 1024},
+    "roberta-base": {"glue": {"tasks": ROBERTA_BASE, "model_types": ("roberta",), "hidden_size": 768}},
+    "small-cpu": {
+        "glue": {"tasks": SMALL_CPU, "model_types": ("bert", "roberta", "distilbert", "electra"), "hidden_size": None},
+        "commonsense": {"tasks": _small_lm("commonsense"), "model_types": ("llama",), "hidden_size": None},
+        "summarization": {"tasks": _small_lm("summarization"), "model_types": ("llama",), "hidden_size": None},
+    },
+    "llama3-8b": {"commonsense": {"tasks": {"commonsense": {"aroma": _LLAMA3_AROMA_R1}},
+                                  "model_types": ("llama",), "hidden_size": 4096}},
+    "llama3-8b-r8": {"commonsense": {"tasks": {"commonsense": {"aroma": _LLAMA3_AROMA_R8}},
+                                     "model_types": ("llama",), "hidden_size": 4096}},
+    "bart-large": {"summarization": {"tasks": {"summarization": {"aroma": _BART_LARGE_AROMA}},
+                                     "model_types": ("bart",), "hidden_size": 1024}},
 }
 
 
 def presets_of(family: str) -> list[str]:
     """The names of the presets for one task family."""
-    return [name for name, preset in PRESETS.items() if preset["family"] == family]
+    return [name for name, families in PRESETS.items() if family in families]
 
 
 def resolve_preset(name: str, family: str, task: str, method: str, model_config=None) -> dict:
@@ -147,10 +174,10 @@ def resolve_preset(name: str, family: str, task: str, method: str, model_config=
     and the model."""
     if name not in PRESETS:
         raise ValueError(f"--preset {name!r} is unknown: expected one of {', '.join(PRESETS)}")
-    preset = PRESETS[name]
-    if preset["family"] != family:
-        raise ValueError(f"--preset {name} is for {preset['family']}, not {family}: the {family} presets are "
+    if family not in PRESETS[name]:
+        raise ValueError(f"--preset {name} is for {', '.join(PRESETS[name])}, not {family}: the {family} presets are "
                          f"{', '.join(presets_of(family)) or 'none'}")
+    preset = PRESETS[name][family]
     if model_config is not None:
         model_type = getattr(model_config, "model_type", None)
         if model_type not in preset["model_types"]:
