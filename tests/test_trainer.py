@@ -321,6 +321,26 @@ class TestTrainerMisuse:
             trainer.train()
         assert trainer.state.global_step == 1
 
+    def test_a_model_whose_factors_were_replaced_does_not_object_to_their_old_objects(self):
+        """The guard reads the factors a model has now. Ids kept from construction went stale when a
+        factor was replaced, and a freed id reused by another model's parameter made a live, uncontrolled
+        model raise at a step it was not in (seen as an order-dependent failure of the test suite)."""
+        idle = get_aroma_model(tiny_bert(), small_config())  # uncontrolled, alive, never trained
+        layer = next(iter(idle.aroma_layers.values()))
+        old_a, old_b = layer.lora_A, layer.lora_B
+        layer.lora_A = torch.nn.Parameter(old_a.detach().clone())  # as load_state_dict(assign=True) does
+        layer.lora_B = torch.nn.Parameter(old_b.detach().clone())
+        optimizer = torch.optim.SGD([old_a, old_b], lr=0.1)  # another owner's tensors, at the old ids
+        for _ in range(3):
+            (old_a.sum() + old_b.sum()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        live = torch.optim.SGD([layer.lora_A], lr=0.1)  # its live factor: the guard still holds
+        layer.lora_A.grad = torch.ones_like(layer.lora_A)
+        live.step()
+        with pytest.raises(RuntimeError, match="taking step 2 of the live factors without an AromaController"):
+            live.step()
+
     def test_gradient_accumulation_with_the_callback_steps_the_controller_once_per_optimizer_step(self, tmp_path):
         model = get_aroma_model(tiny_bert(), small_config())
         controller = AromaController(model)

@@ -130,7 +130,6 @@ class AromaModel(nn.Module):
         # Until an AromaController with an optimizer drives the model, any optimizer holding its
         # live factors may take one step, not two (see _watch_optimizers).
         self.controlled = False
-        self._factor_ids = {id(p) for layer in self.aroma_layers.values() for p in (layer.lora_A, layer.lora_B)}
         self._steps_without_controller = 0
         _watch_optimizers(self)
         # Calls go to the wrapped model, with its forward's signature, which callers such as the HF
@@ -215,7 +214,13 @@ class AromaModel(nn.Module):
         The HF Trainer without ``AromaController`` and ``AromaCallback`` otherwise trains a rank-r
         LoRA for the whole run: no check, no merge, no stop, no warning.
         """
-        if self.controlled or not any(id(p) in self._factor_ids for g in optimizer.param_groups for p in g["params"]):
+        if self.controlled:
+            return
+        # Ids of the factors as they are now: ids kept from construction go stale when a factor is
+        # replaced (FSDP2's DTensor parameters, load_state_dict(assign=True)), and a freed id can be
+        # reused by another model's parameter, which would make this model object to a step it is not in.
+        factor_ids = {id(p) for layer in self.aroma_layers.values() for p in (layer.lora_A, layer.lora_B)}
+        if not any(id(p) in factor_ids for g in optimizer.param_groups for p in g["params"]):
             return
         self._steps_without_controller += 1
         if self._steps_without_controller >= 2:
