@@ -4,6 +4,7 @@
     python benchmarks/glue_study.py SPEC --tasks mrpc --arms lora-r8 aroma            # a part of the grid
     python benchmarks/glue_study.py SPEC --dry-run                                    # list what would run
     python benchmarks/glue_study.py SPEC --report                                     # tables and figures only
+    python benchmarks/glue_study.py SPEC --device cuda --jobs 14 --stop-starting-after 300  # a lent GPU
 
 The spec (JSON) names the model, the data, each task's budget and each *arm* (a method with its
 options and the trials to tune over). Each task runs in two phases: every trial of every arm with
@@ -31,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -178,8 +180,11 @@ def model_path(name: str) -> str:
     return str(importlib.import_module(name.replace("-", "_")).get_model_path())
 
 
-def run_one(spec: dict, run: Run) -> None:
-    """Train one run in this process and copy its summary into ``results/``."""
+def run_one(spec: dict, run: Run, device: str = "cpu") -> None:
+    """Train one run in this process and copy its summary into ``results/``.
+
+    ``device`` is not part of the run's key: a run is the same run on CPU or GPU (fp32 either way;
+    its ``config.json`` records where it ran)."""
     from aroma_peft.methods import MethodOptions
     from aroma_peft.train import TrainOptions, run as train
 
@@ -192,7 +197,7 @@ def run_one(spec: dict, run: Run) -> None:
         shutil.rmtree(out)  # a run cut short without a checkpoint starts again
     options = TrainOptions(task=run.task, model=model_path(spec["model"]), method=run.method,
                            data_dir=str((ROOT / spec["data_dir"] / run.task).resolve()), out=str(out),
-                           seed=run.seed, progress=False, resume=resume,
+                           seed=run.seed, progress=False, resume=resume, device=device,
                            method_options=MethodOptions(**method_values), **opts)
     train(options)
     dest = summary_dir(spec, run)
@@ -206,13 +211,13 @@ def run_one(spec: dict, run: Run) -> None:
     os.replace(tmp, dest)  # the summary appears whole or not at all
 
 
-def launch(spec_path: Path, run: Run, threads: int, log_dir: Path) -> int:
+def launch(spec_path: Path, run: Run, threads: int, log_dir: Path, device: str = "cpu") -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / (run.key.replace("/", "__") + ".log")
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as f:
         return subprocess.call([sys.executable, __file__, str(spec_path), "--run-one",
-                                json.dumps(dataclasses.asdict(run)), "--threads", str(threads)],
+                                json.dumps(dataclasses.asdict(run)), "--threads", str(threads), "--device", device],
                                stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
@@ -472,17 +477,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only rewrite the tables and figures")
     parser.add_argument("--max-runs", type=int, help="start at most this many runs, then stop once they end "
                         "(to interleave arms in a session of limited length)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                        help="where each run trains (fp32 on either; not part of a run's key)")
+    parser.add_argument("--stop-starting-after", type=float, metavar="SECONDS",
+                        help="start no run after this many seconds; the runs in flight finish (a lent "
+                             "machine's limited time)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.max_runs is not None and args.max_runs < 1:
         parser.error(f"--max-runs must be at least 1, got {args.max_runs}")
+    if args.stop_starting_after is not None and not args.stop_starting_after >= 0:
+        parser.error(f"--stop-starting-after must be a number of seconds >= 0, got {args.stop_starting_after}")
     spec = load_spec(args.spec)
     spec["spec_path"] = str(args.spec)
     if args.run_one:
         import torch
 
         torch.set_num_threads(args.threads or 1)
-        run_one(spec, Run(**json.loads(args.run_one)))
+        run_one(spec, Run(**json.loads(args.run_one)), args.device)
         return 0
     tasks = args.tasks or list(spec["tasks"])
     arms = args.arms or list(spec["arms"])
@@ -500,19 +512,26 @@ def main(argv: list[str] | None = None) -> int:
         for run in runnable(spec, tasks, arms):
             print(run.key, json.dumps(run.options, sort_keys=True))
         return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device on this machine")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     log_dir = ROOT / spec["work"] / "logs"
     failed: set[str] = set()
     started = 0
+    deadline = None if args.stop_starting_after is None else time.monotonic() + args.stop_starting_after
     with ThreadPoolExecutor(args.jobs) as pool:
         running = {}
         while True:
             busy = {r.key for r in running.values()}
             for run in runnable(spec, tasks, arms):
-                if len(running) >= args.jobs or (args.max_runs is not None and started >= args.max_runs):
+                if len(running) >= args.jobs or (args.max_runs is not None and started >= args.max_runs) \
+                        or (deadline is not None and time.monotonic() >= deadline):
                     break
                 if run.key not in busy and run.key not in failed:
-                    running[pool.submit(launch, args.spec, run, threads, log_dir)] = run
+                    running[pool.submit(launch, args.spec, run, threads, log_dir, args.device)] = run
                     busy.add(run.key)
                     started += 1
                     print(f"start {run.key}", flush=True)

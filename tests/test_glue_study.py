@@ -140,3 +140,16 @@ def test_max_runs_starts_that_many_and_the_next_call_goes_on(study, model_dir, m
     assert [d[-3:] for d in done()] == ["-s0", "-s1"]
     with pytest.raises(SystemExit):
         study.main([str(path), "--max-runs", "0"])
+
+
+def test_stop_starting_after_starts_nothing_once_the_time_is_up(study, model_dir, mrpc_dir, tmp_path):  # noqa: F811
+    path = write_spec(tmp_path, model_dir, mrpc_dir)
+    assert study.main([str(path), "--arms", "aroma", "--jobs", "2", "--threads", "1", "--stop-starting-after", "0"]) == 0
+    assert not list((tmp_path / "results" / "runs").glob("*/*/*/study_run.json"))
+    # with time left it runs, on the device it is given, which the run's config records
+    assert study.main([str(path), "--arms", "aroma", "--jobs", "2", "--threads", "1", "--max-runs", "1",
+                       "--device", "cpu", "--stop-starting-after", "600"]) == 0
+    configs = [json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("mrpc/aroma/*/config.json")]
+    assert len(configs) == 1 and configs[0]["device"] == "cpu"
+    with pytest.raises(SystemExit):
+        study.main([str(path), "--stop-starting-after", "-1"])
