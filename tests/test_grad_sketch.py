@@ -186,7 +186,7 @@ def test_a_kaiming_checkpoint_does_not_resume_a_gradient_run(tmp_path):
 
 
 def test_reinit_is_validated():
-    with pytest.raises(ValueError, match=r"AromaConfig.reinit='svd' is invalid: expected one of \('kaiming', 'gradient', 'gradient-sign', 'previous'\)"):
+    with pytest.raises(ValueError, match=r"AromaConfig.reinit='svd' is invalid: expected one of \('kaiming', 'gradient', 'gradient-sign', 'previous', 'offset'\)"):
         AromaConfig(reinit="svd")
 
 

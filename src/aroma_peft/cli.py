@@ -49,7 +49,8 @@ METHOD_OPTIONS = [
     ("restart-warmup-steps", "AROMA/ReLoRA warmup after each merge"),
     ("reset", "optimizer reset after a merge: prune, zero or none"),
     ("reinit", "AROMA's new a after a merge: kaiming (the paper), gradient (the weight gradient's top direction) "
-               "gradient-sign, or previous (a diagnostic: a keeps the merged component's trained value)"),
+               "gradient-sign, previous (a diagnostic: a keeps the merged component's trained value), or offset "
+               "(a and b restart at the merged pair's norms, their product subtracted into the merged weight)"),
     ("init-scale", "AROMA/ReLoRA: every new a is the Kaiming draw times this (1: the paper)"),
     ("loraplus-lr-ratio", "LoRA+: the B factors train at --lr times this (LoRA, DoRA, AdaLoRA, AROMA, ReLoRA)"),
     ("lr-decay", "learning-rate decay after the warmup: linear or cosine (every method)"),

@@ -16,7 +16,7 @@ RESET_MODES = ("prune", "zero", "none")
 OUTER_CRITERIA = ("weight", "update")
 LR_DECAYS = ("linear", "cosine")
 CONVERGED_COMPONENT = ("discard", "merge")
-REINIT_MODES = ("kaiming", "gradient", "gradient-sign", "previous")
+REINIT_MODES = ("kaiming", "gradient", "gradient-sign", "previous", "offset")
 
 TargetModules = Union[str, tuple[str, ...]]
 
@@ -84,7 +84,11 @@ class AromaConfig(PeftConfig):
             that vector, every entry the same size: the direction Adam's first steps on ``a`` take),
             or ``"previous"`` (a diagnostic, not the paper: ``a`` keeps the trained value of the
             component just merged, so a new component starts from where the last one's input
-            direction ended; only ``b`` restarts at 0). The first component is Kaiming in every mode.
+            direction ended; only ``b`` restarts at 0), or ``"offset"`` (a variant, not the paper: the
+            new pair ``(b0, a0)`` starts at the norms the merged pair grew to, ``a0`` the Kaiming
+            draw's direction, and ``-s b0 a0`` is merged so the model's function is unchanged; eqs.
+            (5) and (6) read the contribution ``s (b a - b0 a0)``). The first component is Kaiming in
+            every mode.
         init_scale: every new ``a`` (the first and each re-initialized one) is the Kaiming draw times
             this (1: the paper; in the gradient modes, the norm that direction is given). A small
             one (0.1) lets a component's own training set its direction instead of the random draw

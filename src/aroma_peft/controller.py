@@ -189,6 +189,8 @@ class AromaController:
             layer.merge_live()
             if self.config.reinit == "previous":
                 layer.restart_b()
+            elif self.config.reinit == "offset":
+                layer.reinit_offset()
             else:
                 layer.reinit_live(self._gradient_direction(i))
             if self.optimizer is not None:

@@ -26,7 +26,8 @@ CONTROLLER_TENSORS = "aroma_controller.safetensors"  # reinit="gradient": the gr
 FORMAT_VERSION = 2
 V1_WEIGHTS = "aroma_adapter.safetensors"  # format 1: keys "{module}.lora_A", "modules_to_save.{param}"
 PEFT_KEY_PREFIX = "base_model.model."
-LAYER_TENSORS = ("lora_A", "lora_B", "merged_A", "merged_B", "active")
+# Per module; the last three (reinit="offset") are absent from older files: zeros, and rank // r components.
+LAYER_TENSORS = ("lora_A", "lora_B", "merged_A", "merged_B", "active", "offset_A", "offset_B", "merged_count")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -123,10 +124,11 @@ def read_json(path: Path) -> dict:
 # ---------------------------------------------------------------------- native format
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
     """The adapter of an ``AromaModel`` under the keys of the ``PeftModel`` that wraps it: per module the
-    live factors, the merged components and whether the module is live; the ``modules_to_save`` whole."""
+    live factors, the merged components, the live offset and the count of trained components merged
+    (``reinit="offset"``) and whether the module is live; the ``modules_to_save`` whole."""
     tensors = {}
     for name, layer in model.aroma_layers.items():
-        for key in ("lora_A", "lora_B", "merged_A", "merged_B"):
+        for key in ("lora_A", "lora_B", "merged_A", "merged_B", "offset_A", "offset_B", "merged_count"):
             tensors[f"{PEFT_KEY_PREFIX}{name}.{key}"] = getattr(layer, key).detach()
         tensors[f"{PEFT_KEY_PREFIX}{name}.active"] = torch.tensor(layer.active)
     for key, value in model.modules_to_save_state().items():
@@ -210,19 +212,27 @@ def check_modules(meta: dict, names: list[str], meta_path: Path) -> None:
 
 
 def checked_factors(tensors: dict, meta: dict, name: str, r: int, n_in: int, n_out: int, path: Path) -> list:
+    """lora_A, lora_B, merged_A, merged_B, offset_A, offset_B and merged_count of module ``name``; a file
+    written before ``reinit="offset"`` has no offset (zeros) and ``rank // r`` trained components."""
     rank = int(meta["modules"][name]["rank"])
-    return [expect_tensor(tensors, f"{name}.{key}", shape, path) for key, shape in (
+    factors = [expect_tensor(tensors, f"{name}.{key}", shape, path) for key, shape in (
         ("lora_A", (r, n_in)), ("lora_B", (n_out, r)), ("merged_A", (rank, n_in)), ("merged_B", (n_out, rank)))]
+    if f"{name}.offset_A" not in tensors:
+        return factors + [torch.zeros(r, n_in), torch.zeros(n_out, r), torch.tensor(rank // r)]
+    return factors + [expect_tensor(tensors, f"{name}.{key}", shape, path) for key, shape in (
+        ("offset_A", (r, n_in)), ("offset_B", (n_out, r)), ("merged_count", ()))]
 
 
 @torch.no_grad()
 def apply_adapter(aroma, meta: dict, checked: dict, saved: dict) -> None:
     """Write checked tensors into an ``AromaModel`` (its merged components, if any, are replaced)."""
     for name, layer in aroma.aroma_layers.items():
-        lora_a, lora_b, merged_a, merged_b = checked[name]
+        lora_a, lora_b, merged_a, merged_b, offset_a, offset_b, count = checked[name]
         copy_full_(layer.lora_A, lora_a)
         copy_full_(layer.lora_B, lora_b)
-        layer.load_components(merged_b, merged_a)
+        layer.load_components(merged_b, merged_a, int(count))
+        copy_full_(layer.offset_A, offset_a)
+        copy_full_(layer.offset_B, offset_b)
         layer.set_active(bool(meta["modules"][name]["active"]))
     for key, param in aroma.modules_to_save_state().items():
         copy_full_(param, saved[key])

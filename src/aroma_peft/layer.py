@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()
 
 SUPPORTED_BASE_LAYERS = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
+OFFSET_STATE = ("offset_A", "offset_B", "merged_count")  # the buffers reinit="offset" added to a layer's state
 
 
 def is_4bit(module: nn.Module) -> bool:
@@ -64,6 +65,11 @@ class AromaLinear(nn.Module):
     time, so they cost nothing per step; a bf16/fp16 base weight is never modified (a small
     update would be rounded away) and the merged factors are applied as a side path instead.
 
+    With ``reinit="offset"`` the live factors restart at ``(b0, a0) != 0`` and the merged update
+    holds the offset term ``-s b0 a0`` (``reinit_offset``), so the live component's contribution is
+    ``s (b a - b0 a0)``; ``offset_B`` (out x r) and ``offset_A`` (r x in) keep ``(b0, a0)``, zeros
+    in every other mode.
+
     Example:
         >>> layer = AromaLinear(nn.Linear(16, 8), r=1, alpha=4.0, seed=0)
         >>> layer(torch.randn(2, 16)).shape
@@ -95,6 +101,10 @@ class AromaLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
         self.register_buffer("merged_A", torch.zeros(0, self.in_features, device=dev, dtype=torch.float32))
         self.register_buffer("merged_B", torch.zeros(self.out_features, 0, device=dev, dtype=torch.float32))
+        self.register_buffer("offset_A", torch.zeros(r, self.in_features, device=dev, dtype=torch.float32))
+        self.register_buffer("offset_B", torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
+        # Trained components merged so far: not rank // r once offset terms are merged too.
+        self.register_buffer("merged_count", torch.zeros((), device=dev, dtype=torch.int64))
         self.reinit_live()
 
     # ---------------------------------------------------------------- state
@@ -134,13 +144,23 @@ class AromaLinear(nn.Module):
 
     @property
     def num_merged(self) -> int:
-        """Number of merged rank-r components (p - 1 while training)."""
-        return self.merged_A.shape[0] // self.r
+        """Number of trained rank-r components merged (p - 1 while training); seeds each re-init.
+
+        The offset terms of ``reinit="offset"`` are not counted: they are not trained components."""
+        return int(self.merged_count)
 
     @property
     def rank(self) -> int:
-        """Rank of the merged update (components x r): what export and the figures report."""
+        """Rank of the merged update, the rows of ``merged_A``: what export and the figures report.
+
+        With ``reinit="offset"`` it counts the offset terms too (up to 2 r per merge), exactly the
+        rank of the LoRA adapter ``export_lora`` writes."""
         return self.merged_A.shape[0]
+
+    @property
+    def has_offset(self) -> bool:
+        """Whether the live component started at an offset ``(b0, a0)`` (``reinit="offset"``); a host sync."""
+        return bool(self.offset_A.any())
 
     def set_active(self, active: bool) -> None:
         self.active = active
@@ -186,9 +206,18 @@ class AromaLinear(nn.Module):
 
     # ---------------------------------------------------------------- the quantities of eqs. (5) and (6)
     def live_norm(self) -> torch.Tensor:
-        """||B_live A_live||_F from the factors: sqrt(<B^T B, A A^T>), no out x in product (eq. 5)."""
+        """||b a - b0 a0||_F, the live component's contribution (over s), from r x r Gram matrices:
+        no out x in product (eqs. 5 and 6). With no offset (b0 = a0 = 0), ||b a||_F.
+
+        Written ``db a + b0 da`` (``db = b - b0``, ``da = a - a0``) and expanded by blocks: small
+        near the offset without cancelling two large squares, and bitwise sqrt(<b^T b, a a^T>)
+        when the offset is zero (the last two blocks are exact zeros)."""
         a, b = full_tensor(self.lora_A.detach()), full_tensor(self.lora_B.detach())
-        return torch.sum((b.T @ b) * (a @ a.T)).clamp_min(0).sqrt()
+        a0, b0 = self.offset_A, self.offset_B
+        db, da = b - b0, a - a0
+        squared = (torch.sum((db.T @ db) * (a @ a.T)) + 2 * torch.sum((db.T @ b0) * (a @ da.T))
+                   + torch.sum((b0.T @ b0) * (da @ da.T)))
+        return squared.clamp_min(0).sqrt()
 
     def _delta_in_weight_layout(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         delta = b @ a  # (out, in)
@@ -203,17 +232,27 @@ class AromaLinear(nn.Module):
             return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
         return w.detach().to(torch.float32)
 
+    def merged_before_live(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B_{p-1}, A_{p-1}): the merged update before the live component started. The merged
+        factors, less the offset term ``(-b0, a0)`` when there is one (always the last r of them)."""
+        if self.has_offset:
+            return self.merged_B[:, :-self.r], self.merged_A[:-self.r]
+        return self.merged_B, self.merged_A
+
     def merged_weight_norm(self) -> torch.Tensor:
         """||W0 + s B_{p-1} A_{p-1}||_F in fp32: the denominator of eq. (6)."""
         w = self.base_weight()
         if self.rank and not self.fold_merged:
-            w = w + self.scaling * like(w, self._delta_in_weight_layout(self.merged_B, self.merged_A))
+            b, a = self.merged_before_live()
+            w = w + self.scaling * like(w, self._delta_in_weight_layout(b, a))
+        elif self.has_offset:  # the folded weight holds the offset term -s b0 a0: add it back
+            w = w + self.scaling * like(w, self._delta_in_weight_layout(self.offset_B, self.offset_A))
         # A sharded W0 (FSDP2): the norm of the shards' norms, the same on every process.
         return full_tensor(torch.linalg.vector_norm(w))
 
     def merged_update_norm(self) -> torch.Tensor:
         """||B_{p-1} A_{p-1}||_F of the merged components, from their r x r Gram matrices."""
-        a, b = self.merged_A, self.merged_B
+        b, a = self.merged_before_live()
         return torch.sum((b.T @ b) * (a @ a.T)).clamp_min(0).sqrt()
 
     def outer_ratio(self, criterion: str = "weight") -> torch.Tensor:
@@ -230,6 +269,14 @@ class AromaLinear(nn.Module):
         return torch.where(torch.isfinite(live), ratio, torch.nan)  # never merge a non-finite component
 
     # ---------------------------------------------------------------- Merge & Reinit
+    def _kaiming_a(self) -> torch.Tensor:
+        """The new ``a``'s draw: Kaiming uniform (as PEFT's LoRA A) times ``init_scale``, on the CPU,
+        seeded by (seed, module index, component), so the same on every process."""
+        g = torch.Generator().manual_seed(derived_seed(self.seed, self.index, self.num_merged, 0))
+        a = torch.empty(self.lora_A.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+        return a.mul_(self.init_scale)  # exact for the default 1.0
+
     @torch.no_grad()
     def reinit_live(self, direction: torch.Tensor | None = None) -> None:
         """a <- Kaiming uniform (as PEFT's LoRA A) times ``init_scale``, b <- 0; seeded by (seed, module
@@ -237,14 +284,41 @@ class AromaLinear(nn.Module):
 
         ``direction`` (r x in, unit rows; ``reinit="gradient"`` or ``"gradient-sign"``): ``a`` takes
         these rows instead, scaled to the Frobenius norm of the (scaled) Kaiming draw, so only the direction changes."""
-        g = torch.Generator().manual_seed(derived_seed(self.seed, self.index, self.num_merged, 0))
-        a = torch.empty(self.lora_A.shape, dtype=torch.float32)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
-        a.mul_(self.init_scale)  # exact for the default 1.0
+        a = self._kaiming_a()
         if direction is not None:
             a = direction.to(torch.float32).cpu() * (torch.linalg.vector_norm(a) / math.sqrt(self.r))
         copy_full_(self.lora_A, a)
         self.lora_B.zero_()
+
+    @torch.no_grad()
+    def reinit_offset(self) -> None:
+        """``reinit="offset"``, after ``merge_live``: the new pair starts at the merged pair's norms,
+        the model's function unchanged.
+
+        ``a0`` is ``reinit_live``'s Kaiming draw scaled to ``||a_p||_F``, ``b0`` a standard normal
+        draw (seeded by (seed, module index, component, 2)) scaled to ``||b_p||_F``, for the pair
+        ``(b_p, a_p)`` just merged; the live factors become ``(b0, a0)`` and ``(-b0, a0)`` joins the
+        merged update, so ``W`` stays as it was. Where either norm is 0 or not finite, the plain
+        re-init (Kaiming ``a``, ``b = 0``) is taken instead."""
+        b_norm = torch.linalg.vector_norm(full_tensor(self.lora_B.detach())).cpu()
+        a_norm = torch.linalg.vector_norm(full_tensor(self.lora_A.detach())).cpu()
+        if not (torch.isfinite(a_norm) and torch.isfinite(b_norm) and a_norm > 0 and b_norm > 0):
+            self.reinit_live()
+            return
+        a0 = self._kaiming_a()
+        a0.mul_(a_norm / torch.linalg.vector_norm(a0))
+        g = torch.Generator().manual_seed(derived_seed(self.seed, self.index, self.num_merged, 2))
+        b0 = torch.randn(self.lora_B.shape, generator=g, dtype=torch.float32)
+        b0.mul_(b_norm / torch.linalg.vector_norm(b0))
+        copy_full_(self.lora_A, a0)
+        copy_full_(self.lora_B, b0)
+        copy_full_(self.offset_B, b0)
+        copy_full_(self.offset_A, a0)
+        self.append_merged(-b0, a0)
+
+    def _clear_offset(self) -> None:
+        self.offset_A.zero_()
+        self.offset_B.zero_()
 
     @torch.no_grad()
     def restart_b(self) -> None:
@@ -265,12 +339,28 @@ class AromaLinear(nn.Module):
 
     @torch.no_grad()
     def merge_live(self) -> None:
-        """Merge the live component into the merged update; the live factors are left as they are."""
+        """Merge the live component into the merged update; the live factors are left as they are.
+
+        Its offset term, merged at its re-init, stays: together they hold ``s (b a - b0 a0)``."""
         self.append_merged(full_tensor(self.lora_B.detach()).clone(), full_tensor(self.lora_A.detach()).clone())
+        self.merged_count.add_(1)
+        self._clear_offset()
 
     @torch.no_grad()
     def drop_live(self) -> None:
-        """Discard the live component (converged module, paper §3.1) and freeze the factors."""
+        """Discard the live component (converged module, paper §3.1) and freeze the factors.
+
+        With an offset the component's contribution is ``s (b a - b0 a0)``: its offset term, the
+        last of the merged factors, is taken out too (and out of the folded weight), so the layer
+        computes what it did before the component started."""
+        if self.has_offset:
+            b, a = self.merged_B[:, -self.r:], self.merged_A[-self.r:]
+            if self.fold_merged:
+                w = self.base_layer.weight
+                w.sub_(like(w, self._delta_in_weight_layout(b, a)), alpha=self.scaling)
+            self.merged_A = self.merged_A[:-self.r].clone()
+            self.merged_B = self.merged_B[:, :-self.r].clone()
+            self._clear_offset()
         self.lora_B.zero_()
         self.set_active(False)
 
@@ -304,13 +394,15 @@ class AromaLinear(nn.Module):
         return self.base_layer
 
     @torch.no_grad()
-    def load_components(self, b: torch.Tensor, a: torch.Tensor) -> None:
-        """Make ``s b a`` the merged update (``a``: k x in), folded one component at a time as training folds them."""
+    def load_components(self, b: torch.Tensor, a: torch.Tensor, count: int | None = None) -> None:
+        """Make ``s b a`` the merged update (``a``: k x in), folded one component at a time as training
+        folds them; ``count`` trained components (default k / r: no offset terms among them)."""
         self.original_base_layer()
         self.merged_A = torch.zeros(0, self.in_features, device=self.merged_A.device, dtype=torch.float32)
         self.merged_B = torch.zeros(self.out_features, 0, device=self.merged_B.device, dtype=torch.float32)
         for k in range(0, a.shape[0], self.r):
             self.append_merged(b[:, k:k + self.r], a[k:k + self.r])
+        self.merged_count.fill_(a.shape[0] // self.r if count is None else count)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -323,8 +415,14 @@ class AromaLinear(nn.Module):
             for name, saved in (("merged_A", merged_a), ("merged_B", merged_b)):
                 if saved is not None and saved.shape != getattr(self, name).shape:
                     setattr(self, name, torch.zeros(saved.shape, dtype=torch.float32, device=getattr(self, name).device))
+        # Saved before reinit="offset" existed: no offset, and every merged term a trained component.
+        older = merged_a is not None and not any(prefix + name in state_dict for name in OFFSET_STATE)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if older:
+            missing_keys[:] = [k for k in missing_keys if k not in {prefix + name for name in OFFSET_STATE}]
+            self._clear_offset()
+            self.merged_count.fill_(self.merged_A.shape[0] // self.r)
         active = state_dict.get(prefix + "active")  # written by save_adapter; a loaded model stays as trainable as it was
         if active is not None:
             trainable = self.lora_A.requires_grad

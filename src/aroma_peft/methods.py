@@ -51,7 +51,7 @@ class MethodOptions:
     lr_decay: str = _aroma("lr_decay")
     min_lr_ratio: float = _aroma("min_lr_ratio")
     reset: str = _aroma("reset")
-    reinit: str = _aroma("reinit")  # AROMA's new a after a merge: "kaiming" (the paper), "gradient", "gradient-sign", "previous"
+    reinit: str = _aroma("reinit")  # AROMA's new a after a merge: "kaiming" (the paper), "gradient", "gradient-sign", "previous", "offset"
     init_scale: float = _aroma("init_scale")  # AROMA/ReLoRA: every new a is the Kaiming draw times this
     # LoRA+ (Hayou et al. 2024; PEFT's create_loraplus_optimizer): the B factors train at lr x this ratio
     loraplus_lr_ratio: float = 1.0
