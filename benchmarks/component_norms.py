@@ -35,6 +35,9 @@ def run_factors(run_dir: Path) -> dict[str, tuple[float, torch.Tensor, torch.Ten
         from aroma_peft.io import read_adapter
 
         meta, config, tensors, _ = read_adapter(adapter)
+        if config.reinit == "offset":  # rows alternate trained pairs and offset terms: not one row a component
+            raise SystemExit(f"{adapter}: a reinit='offset' run, whose merged rows are not one component each; "
+                             "this script reads runs of the other re-init modes")
         return {m: (config.scaling, tensors[f"{m}.merged_A"], tensors[f"{m}.merged_B"]) for m in meta["modules"]}
     config_path = adapter / "adapter_config.json"
     if not config_path.is_file():

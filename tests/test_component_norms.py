@@ -91,3 +91,10 @@ def test_a_folder_that_is_not_a_run_is_named(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="neither aroma_adapter.json nor adapter_config.json"):
         load().main([str(tmp_path)])
+
+
+def test_an_offset_run_is_refused_not_read_as_one_component_a_row(tmp_path):
+    model = get_aroma_model(tiny_bert(0), AromaConfig(target_modules=["query"], reinit="offset"))
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(SystemExit, match="reinit='offset'"):
+        load().run_factors(tmp_path)
