@@ -124,11 +124,16 @@ def read_json(path: Path) -> dict:
 # ---------------------------------------------------------------------- native format
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
     """The adapter of an ``AromaModel`` under the keys of the ``PeftModel`` that wraps it: per module the
-    live factors, the merged components, the live offset and the count of trained components merged
-    (``reinit="offset"``) and whether the module is live; the ``modules_to_save`` whole."""
+    live factors, the merged components and whether the module is live (with ``reinit="offset"`` also
+    the live offset and the count of trained components merged: in every other mode they are zeros and
+    ``rank // r``, which the reader restores, so the file is as small as before); the
+    ``modules_to_save`` whole."""
+    keys = ("lora_A", "lora_B", "merged_A", "merged_B")
+    if model.aroma_config.reinit == "offset":
+        keys += ("offset_A", "offset_B", "merged_count")
     tensors = {}
     for name, layer in model.aroma_layers.items():
-        for key in ("lora_A", "lora_B", "merged_A", "merged_B", "offset_A", "offset_B", "merged_count"):
+        for key in keys:
             tensors[f"{PEFT_KEY_PREFIX}{name}.{key}"] = getattr(layer, key).detach()
         tensors[f"{PEFT_KEY_PREFIX}{name}.active"] = torch.tensor(layer.active)
     for key, value in model.modules_to_save_state().items():
