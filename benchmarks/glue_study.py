@@ -341,9 +341,53 @@ def write_report(spec: dict) -> Path:
                           f"of the k-th components of the same module, mean over the {cos['modules']} modules that "
                           f"have a k-th component in both runs, k = 1, 2, ...: {diag}.", "",
                           f"![cosine similarity of components]({task}_cosine_{arm}.png)", ""]
+        lines += loss_vs_dev(rows, task, results)
     path = results / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def loss_vs_dev(rows: list[dict], task: str, results: Path) -> list[str]:
+    """Does the dev metric follow the training loss? Spearman's rho over every finished run above the floor."""
+    from scipy.stats import spearmanr
+
+    main = next(r["main_metric"] for r in rows if r["task"] == task)
+    floor = next(r["majority"].get(main) for r in rows if r["task"] == task) or 0.0
+    # one point above the floor: a run at the majority class learned nothing, and its loss says nothing
+    runs = [r for r in rows if r["task"] == task and r["curve"][-1][2] is not None and r["final"] > floor + 0.01]
+    if len(runs) < 5:
+        return []
+    is_aroma = [r["method"] == "aroma" for r in runs]
+    loss = [r["curve"][-1][2] for r in runs]
+    dev = [100 * r["final"] for r in runs]
+
+    def rho(keep: list[bool]) -> str:
+        xs = [x for x, k in zip(loss, keep) if k]
+        ys = [y for y, k in zip(dev, keep) if k]
+        if len(xs) < 5:
+            return f"{len(xs)} runs, too few"
+        res = spearmanr(xs, ys)
+        return f"rho = {res.statistic:.2f} (p = {res.pvalue:.1g}, {len(xs)} runs)"
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for keep, label, marker in ((is_aroma, "AROMA (every arm and trial)", "o"),
+                                ([not a for a in is_aroma], "LoRA, AdaLoRA, ReLoRA", "s")):
+        ax.scatter([x for x, k in zip(loss, keep) if k], [y for y, k in zip(dev, keep) if k], marker=marker,
+                   s=18, label=label)
+    ax.set(xlabel="final training loss", ylabel=f"final dev {main}", title=f"{task}: dev metric against training loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / f"{task}_loss_vs_dev.png", dpi=110)
+    plt.close(fig)
+    return [f"Final dev {main} against the final training loss (mean over the last evaluation interval), every "
+            f"finished run (all trials and seeds) more than 1 point above the floor: Spearman {rho([True] * len(runs))}; "
+            f"AROMA's arms alone {rho(is_aroma)}; the other methods {rho([not a for a in is_aroma])}.", "",
+            f"![dev metric against training loss]({task}_loss_vs_dev.png)", ""]
 
 
 def reset_ablations(spec: dict) -> list[tuple[str, str]]:

@@ -153,3 +153,25 @@ def test_stop_starting_after_starts_nothing_once_the_time_is_up(study, model_dir
     assert len(configs) == 1 and configs[0]["device"] == "cpu"
     with pytest.raises(SystemExit):
         study.main([str(path), "--stop-starting-after", "-1"])
+
+
+def test_loss_vs_dev_ranks_the_runs_above_the_floor_only(study, tmp_path):
+    """Spearman's rho of final dev metric against final training loss; runs at the floor are left out."""
+    def row(method, loss, final):
+        return {"task": "cola", "method": method, "main_metric": "mcc", "majority": {"mcc": 0.0},
+                "final": final, "curve": [[10, 0.0, 0.7], [20, final, loss]]}
+
+    # AROMA: dev falls exactly as the loss rises (rho -1). The others: one swap in five; by hand, the
+    # losses' ranks 1..5 against the dev ranks reversed, 4,5,3,2,1, give sum d^2 = 38 and
+    # rho = 1 - 6*38/(5*24) = -0.90.
+    aroma = [row("aroma", 0.40 + 0.01 * i, 0.30 - 0.01 * i) for i in range(5)]
+    others = [row("lora", loss, final) for loss, final in
+              [(0.30, 0.29), (0.31, 0.30), (0.32, 0.28), (0.33, 0.27), (0.34, 0.26)]]
+    at_floor = [row("lora", 0.10, 0.0), row("aroma", 0.90, 0.005)]  # at / within a point of the floor
+    lines = study.loss_vs_dev(aroma + others + at_floor, "cola", tmp_path)
+    text = "\n".join(lines)
+    assert "AROMA's arms alone rho = -1.00" in text and "5 runs" in text
+    assert "the other methods rho = -0.90" in text
+    assert "10 runs)" in text  # the two floor runs are not counted
+    assert (tmp_path / "cola_loss_vs_dev.png").is_file()
+    assert study.loss_vs_dev(aroma[:4], "cola", tmp_path) == []  # too few runs to rank
