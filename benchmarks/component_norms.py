@@ -11,6 +11,9 @@ LoRA adapter in ``adapter/``). For component k of each module, with s the adapte
 - how evenly ``a_k`` spreads over the input features: its participation ratio over its dimension,
   ``||a||_2^4 / (||a||_4^4 * in)`` (1: every entry the same size; 1/in: a single feature; about
   0.56, 5/9, for a Kaiming uniform draw);
+- for an AROMA run with ``reinit="kaiming"`` (the paper's), how far ``a_k`` turned in its inner loop:
+  its cosine with the Kaiming draw it started from, recomputed from the run's seed (1: it never
+  turned; about 0.05 against an unrelated draw of 384 entries);
 
 printed as min / median / max over the modules that have a k-th component, then the whole update
 ``||s B A||_F`` of each module (min / median / max), its ratio to ``||W0||_F``, and how the
@@ -60,9 +63,31 @@ def run_factors(run_dir: Path) -> dict[str, tuple[float, torch.Tensor, torch.Ten
     return out
 
 
+def initial_draws(run_dir: Path) -> dict[str, torch.Tensor] | None:
+    """``{module: [k, in]}``, the ``a`` each merged row started from, for an AROMA run whose new
+    components start from the seeded Kaiming draw (``reinit="kaiming"``); None for any other run."""
+    adapter = run_dir / "adapter"
+    if not (adapter / "aroma_adapter.json").is_file():
+        return None  # PEFT's LoRA draws its A from the global generator: not recomputable
+    from aroma_peft.io import read_adapter
+    from aroma_peft.layer import kaiming_draw
+
+    meta, config, tensors, _ = read_adapter(adapter)
+    if config.reinit != "kaiming":
+        return None
+    out = {}
+    for index, name in enumerate(meta["modules"]):  # the model order, the layers' own indices
+        rows = tensors[f"{name}.merged_A"].shape[0]
+        draws = [kaiming_draw((config.r, tensors[f"{name}.merged_A"].shape[1]), config.seed, index, k, config.init_scale)
+                 for k in range(rows // config.r)]
+        out[name] = torch.cat(draws) if draws else tensors[f"{name}.merged_A"].new_zeros(tensors[f"{name}.merged_A"].shape)
+    return out
+
+
 def component_rows(factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]],
-                   weights: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Per module: ``components`` (norm, eq. 6 ratio, ||a||, ||b|| of each) and the whole update's norm."""
+                   weights: dict[str, torch.Tensor], starts: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
+    """Per module: ``components`` (norm, eq. 6 ratio, ||a||, ||b|| of each, and with ``starts`` the
+    cosine of each ``a`` with the draw it started from) and the whole update's norm."""
     out = {}
     for name, (s, a, b) in factors.items():
         w = weights[name].double()
@@ -74,6 +99,9 @@ def component_rows(factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]],
             rows.append({"norm": comp.norm().item(), "ratio": (comp.norm() / w.norm()).item(),
                          "a": a[k].norm().item(), "b": b[:, k].norm().item(),
                          "spread": (a[k].norm() ** 4 / (a[k] ** 4).sum() / a.shape[1]).item()})
+            if starts is not None:
+                a0 = starts[name][k].double()
+                rows[-1]["turn"] = (a[k] @ a0 / (a[k].norm() * a0.norm())).item()
             w = w + comp
         total = (s * b @ a).norm().item()
         coherence = total / sum(c["norm"] ** 2 for c in rows) ** 0.5 if any(c["norm"] for c in rows) else 0.0
@@ -96,18 +124,23 @@ def _spread(values: list[float], fmt: str) -> str:
 
 def table(rows: dict[str, dict]) -> list[str]:
     depth = max(len(r["components"]) for r in rows.values())
+    turns = any("turn" in c for r in rows.values() for c in r["components"])
     lines = ["| component | modules | norm min / median / max | eq. (6) ratio min / median / max "
-             "| norm of a (median) | norm of b (median) | spread of a (median) |", "|---:|---:|---|---|---:|---:|---:|"]
+             "| norm of a (median) | norm of b (median) | spread of a (median) |"
+             + (" cos(a, its initial draw) min / median / max |" if turns else ""),
+             "|---:|---:|---|---|---:|---:|---:|" + ("---|" if turns else "")]
     for k in range(depth):
         have = [r["components"][k] for r in rows.values() if len(r["components"]) > k]
         lines.append(f"| {k + 1} | {len(have)} | {_spread([c['norm'] for c in have], '.3g')} "
                      f"| {_spread([c['ratio'] for c in have], '.2e')} "
                      f"| {statistics.median(c['a'] for c in have):.3g} | {statistics.median(c['b'] for c in have):.3g} "
-                     f"| {statistics.median(c['spread'] for c in have):.3g} |")
+                     f"| {statistics.median(c['spread'] for c in have):.3g} |"
+                     + (f" {_spread([c['turn'] for c in have], '.3f')} |" if turns else ""))
+    blank = " |" if turns else ""
     lines.append(f"| whole update | {len(rows)} | {_spread([r['total'] for r in rows.values()], '.3g')} "
-                 f"| {_spread([r['total_ratio'] for r in rows.values()], '.2e')} | | | |")
+                 f"| {_spread([r['total_ratio'] for r in rows.values()], '.2e')} | | | |" + blank)
     lines.append(f"| how they add up: norm of the sum / root sum of squares (1: orthogonal) | {len(rows)} "
-                 f"| {_spread([r['coherence'] for r in rows.values()], '.3g')} | | | | |")
+                 f"| {_spread([r['coherence'] for r in rows.values()], '.3g')} | | | | |" + blank)
     return lines
 
 
@@ -116,7 +149,7 @@ def main(argv: list[str]) -> None:
         if not (d / "config.json").is_file():
             raise SystemExit(f"{d / 'config.json'}: not found (pass a finished run's folder)")
         factors = run_factors(d)
-        rows = component_rows(factors, base_weights(d, factors))
+        rows = component_rows(factors, base_weights(d, factors), initial_draws(d))
         print(f"{d}: {len(rows)} modules, ranks {sorted(len(r['components']) for r in rows.values())}")
         print("\n".join(table(rows)))
 

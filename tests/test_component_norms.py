@@ -98,3 +98,40 @@ def test_an_offset_run_is_refused_not_read_as_one_component_a_row(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     with pytest.raises(SystemExit, match="reinit='offset'"):
         load().run_factors(tmp_path)
+
+
+def test_each_a_is_compared_with_the_draw_it_started_from(tmp_path):
+    """initial_draws recomputes the seeded Kaiming start of every component; the cosine is measured against it."""
+    config = AromaConfig(target_modules=["query", "value"], r=1, alpha=4.0, seed=3, init_scale=0.5)
+    model = get_aroma_model(tiny_bert(0), config)
+    g = torch.Generator().manual_seed(1)
+    started, finals = {}, {}
+    with torch.no_grad():
+        for name, layer in model.aroma_layers.items():  # two components, each turned by a known amount
+            for k in range(2):
+                a0 = layer.lora_A.detach().clone()  # the layer's own start (reinit_live), not the script's
+                started.setdefault(name, []).append(a0[0].double().numpy())
+                a1 = a0 + (0.3 * k + 0.1) * a0.norm() * torch.randn(a0.shape, generator=g)
+                layer.lora_A.copy_(a1)
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+                finals.setdefault(name, []).append(a1[0].double().numpy())
+                layer.merge_live()
+                layer.reinit_live()
+    model.save_pretrained(tmp_path / "run" / "adapter")
+    cn = load()
+    starts = cn.initial_draws(tmp_path / "run")
+    for name, layer in model.aroma_layers.items():
+        np.testing.assert_array_equal(starts[name].double().numpy(), np.stack(started[name]))
+    weights = {n: layer.base_layer.weight.detach() for n, layer in model.aroma_layers.items()}
+    rows = cn.component_rows(cn.run_factors(tmp_path / "run"), weights, starts)
+    for name in model.aroma_layers:
+        for k, row in enumerate(rows[name]["components"]):
+            a0, a1 = started[name][k], finals[name][k]
+            assert row["turn"] == pytest.approx(a0 @ a1 / (np.linalg.norm(a0) * np.linalg.norm(a1)), rel=1e-6)
+    assert "cos(a, its initial draw)" in cn.table(rows)[0]
+    # another re-init, or a PEFT LoRA adapter: no start to compare with
+    other = get_aroma_model(tiny_bert(0), AromaConfig(target_modules=["query"], r=1, alpha=4.0, reinit="gradient-sign"))
+    other.save_pretrained(tmp_path / "sign" / "adapter")
+    assert cn.initial_draws(tmp_path / "sign") is None
+    model.export_lora(tmp_path / "lora" / "adapter")
+    assert cn.initial_draws(tmp_path / "lora") is None

@@ -79,6 +79,50 @@ def test_loraplus_trains_the_b_factors_at_the_ratio_through_the_schedule_and_the
         assert run.controller.outer_checks  # the run went through merges
 
 
+@pytest.mark.parametrize("ratio", [0.0, 4.0])
+def test_a_lr_ratio_trains_the_a_factors_at_the_ratio_and_zero_keeps_each_a_at_its_draw(ratio):
+    """AROMA with the A factors in their own group: the first Adam step of each A moves it by lr x ratio;
+    at 0 every component's a is still the Kaiming draw it started from when it is merged."""
+    from aroma_peft.layer import kaiming_draw
+
+    base = tiny_bert()
+    opts = MethodOptions(r=1, alpha=4.0, modules_to_save=["classifier"], eps_out=1e-9, check_interval=2,
+                         max_inner_steps=4, restart_warmup_steps=1, reset="zero", a_lr_ratio=ratio)
+    run = prepare("aroma", base, opts, max_steps=12, warmup_steps=2)
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    groups = optimizer_groups(run, 1e-3, 1.0, ratio)
+    assert len(groups) == 2 and all("lora_A" in names[id(p)] for p in groups[1]["params"])
+    assert not any("lora_A" in names[id(p)] for p in groups[0]["params"])
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
+    scheduler = run.make_scheduler(optimizer)
+    for step in range(12):
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        assert lrs[1] == pytest.approx(ratio * lrs[0], rel=1e-12, abs=0)
+        first = {id(p) for p in groups[1]["params"] if optimizer.state.get(p, {}).get("step", torch.tensor(0.0)).item() == 0}
+        before = {id(p): p.detach().clone() for p in groups[1]["params"]}
+        run.model(**_batch(base)).loss.backward()
+        optimizer.step()
+        for p in groups[1]["params"]:
+            moved = (p.detach() - before[id(p)]).abs().max().item()
+            if ratio == 0:
+                assert moved == 0.0
+            elif id(p) in first and p.grad is not None and p.grad.abs().max() > 0 and lrs[1] > 0:
+                assert 0.5 * lrs[1] < moved <= lrs[1] * (1 + 1e-4), names[id(p)]
+        scheduler.step()
+        optimizer.zero_grad()
+        if run.controller.step():
+            break
+    assert run.controller.outer_checks  # the run went through merges
+    layers = run.model.aroma_layers
+    merged = [(i, k) for i, layer in enumerate(layers.values()) for k in range(layer.num_merged)]
+    assert merged
+    for i, layer in enumerate(layers.values()):
+        for k in range(layer.num_merged):
+            draw = kaiming_draw((1, layer.in_features), layer.seed, i, k)
+            same = torch.equal(layer.merged_A[k:k + 1].cpu(), draw)
+            assert same == (ratio == 0), (i, k)
+
+
 def test_loraplus_needs_b_factors():
     base = tiny_bert()
     run = prepare("full", base, MethodOptions(), max_steps=4, warmup_steps=1)
@@ -86,3 +130,7 @@ def test_loraplus_needs_b_factors():
         optimizer_groups(run, 1e-3, 4.0)
     with pytest.raises(ValueError, match="--loraplus-lr-ratio must be a number > 0"):
         MethodOptions(loraplus_lr_ratio=0)
+    with pytest.raises(ValueError, match="method 'full' has no A factors"):
+        optimizer_groups(run, 1e-3, 1.0, 0.0)
+    with pytest.raises(ValueError, match="--a-lr-ratio must be a number >= 0"):
+        MethodOptions(a_lr_ratio=-1)

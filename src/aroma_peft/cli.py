@@ -53,6 +53,7 @@ METHOD_OPTIONS = [
                "(a and b restart at the merged pair's norms, their product subtracted into the merged weight)"),
     ("init-scale", "AROMA/ReLoRA: every new a is the Kaiming draw times this (1: the paper)"),
     ("loraplus-lr-ratio", "LoRA+: the B factors train at --lr times this (LoRA, DoRA, AdaLoRA, AROMA, ReLoRA)"),
+    ("a-lr-ratio", "the A factors train at --lr times this; 0 keeps them at their draw (a diagnostic)"),
     ("lr-decay", "learning-rate decay after the warmup: linear or cosine (every method)"),
     ("min-lr-ratio", "learning rate at the last step, as a fraction of --lr (every method)"),
     ("init-r", "AdaLoRA initial rank"),

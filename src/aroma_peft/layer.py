@@ -53,6 +53,17 @@ def base_features(module: nn.Module) -> tuple[int, int]:
     return tuple(module.weight.shape)  # Conv1D: (in, out)
 
 
+def kaiming_draw(shape: tuple[int, int], seed: int, index: int, component: int, init_scale: float = 1.0) -> torch.Tensor:
+    """The ``a`` that component ``component`` (0 for the first) of module ``index`` starts from under
+    ``reinit="kaiming"``: Kaiming uniform (as PEFT's LoRA A) times ``init_scale``, float32 on the CPU,
+    seeded by (seed, module index, component), so the same on every process and recomputable from a
+    saved adapter (``benchmarks/component_norms.py`` measures how far each ``a`` turned from it)."""
+    g = torch.Generator().manual_seed(derived_seed(seed, index, component, 0))
+    a = torch.empty(shape, dtype=torch.float32)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+    return a.mul_(init_scale)  # exact for the default 1.0
+
+
 class AromaLinear(nn.Module):
     """``W0 x + bias + s (B_{p-1} A_{p-1}) x + s (b_p a_p) x`` with ``s = alpha / r`` (paper eq. 4).
 
@@ -270,12 +281,8 @@ class AromaLinear(nn.Module):
 
     # ---------------------------------------------------------------- Merge & Reinit
     def _kaiming_a(self) -> torch.Tensor:
-        """The new ``a``'s draw: Kaiming uniform (as PEFT's LoRA A) times ``init_scale``, on the CPU,
-        seeded by (seed, module index, component), so the same on every process."""
-        g = torch.Generator().manual_seed(derived_seed(self.seed, self.index, self.num_merged, 0))
-        a = torch.empty(self.lora_A.shape, dtype=torch.float32)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
-        return a.mul_(self.init_scale)  # exact for the default 1.0
+        """The new ``a``'s draw (``kaiming_draw`` for this module and component)."""
+        return kaiming_draw(tuple(self.lora_A.shape), self.seed, self.index, self.num_merged, self.init_scale)
 
     @torch.no_grad()
     def reinit_live(self, direction: torch.Tensor | None = None) -> None:

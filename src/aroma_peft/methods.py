@@ -55,6 +55,8 @@ class MethodOptions:
     init_scale: float = _aroma("init_scale")  # AROMA/ReLoRA: every new a is the Kaiming draw times this
     # LoRA+ (Hayou et al. 2024; PEFT's create_loraplus_optimizer): the B factors train at lr x this ratio
     loraplus_lr_ratio: float = 1.0
+    # the A factors (lora_A) train at lr x this ratio; 0 freezes them at their draw (a diagnostic)
+    a_lr_ratio: float = 1.0
     train_heads_after_convergence: bool = _aroma("train_heads_after_convergence")
     # AdaLoRA
     init_r: int = 12
@@ -67,6 +69,9 @@ class MethodOptions:
         if isinstance(self.loraplus_lr_ratio, bool) or not isinstance(self.loraplus_lr_ratio, (int, float)) \
                 or not self.loraplus_lr_ratio > 0:
             raise ValueError(f"--loraplus-lr-ratio must be a number > 0, got {self.loraplus_lr_ratio!r}")
+        if isinstance(self.a_lr_ratio, bool) or not isinstance(self.a_lr_ratio, (int, float)) \
+                or not self.a_lr_ratio >= 0:
+            raise ValueError(f"--a-lr-ratio must be a number >= 0, got {self.a_lr_ratio!r}")
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"--lr-decay {self.lr_decay!r} is unknown: expected one of {', '.join(LR_DECAYS)}")
         if isinstance(self.min_lr_ratio, bool) or not isinstance(self.min_lr_ratio, (int, float)) \
@@ -231,16 +236,21 @@ def _prepare_selective(method, base, opts, max_steps, warmup_steps) -> MethodRun
         module_ranks=dict, module_updates=dict, save=lambda d: _save_trainable(base, d / "adapter"))
 
 
-def optimizer_groups(run: MethodRun, lr: float, loraplus_lr_ratio: float) -> list[dict]:
-    """The parameter groups of the run's optimizer: one at ``lr``, or with LoRA+ (a ratio other than
-    1) the B factors (``lora_B`` of LoRA, DoRA, AdaLoRA and AROMA) in a second group at ``lr x ratio``."""
-    if loraplus_lr_ratio == 1.0:
-        return [{"params": run.parameters}]
-    b_ids = {id(p) for name, p in run.model.named_parameters() if "lora_B" in name}
-    b = [p for p in run.parameters if id(p) in b_ids]
-    if not b:
-        raise ValueError(f"--loraplus-lr-ratio {loraplus_lr_ratio}: method {run.method!r} has no B factors (lora_B) "
-                         "to train at another learning rate; leave it at 1")
-    return [{"params": [p for p in run.parameters if id(p) not in b_ids]},
-            {"params": b, "lr": lr * loraplus_lr_ratio}]
+def optimizer_groups(run: MethodRun, lr: float, loraplus_lr_ratio: float, a_lr_ratio: float = 1.0) -> list[dict]:
+    """The parameter groups of the run's optimizer: everything at ``lr``; with LoRA+ (a ratio other
+    than 1) the B factors (``lora_B`` of LoRA, DoRA, AdaLoRA and AROMA) in a group at ``lr x ratio``,
+    and with ``a_lr_ratio`` other than 1 the A factors (``lora_A``) in a group at ``lr x a_lr_ratio``
+    (0: frozen at their draw). The groups keep that order: the rest, B, A."""
+    groups, taken = [], set()
+    for factor, ratio, flag in (("lora_B", loraplus_lr_ratio, "--loraplus-lr-ratio"), ("lora_A", a_lr_ratio, "--a-lr-ratio")):
+        if ratio == 1.0:
+            continue
+        ids = {id(p) for name, p in run.model.named_parameters() if factor in name}
+        params = [p for p in run.parameters if id(p) in ids]
+        if not params:
+            raise ValueError(f"{flag} {ratio}: method {run.method!r} has no {factor[-1]} factors ({factor}) "
+                             "to train at another learning rate; leave it at 1")
+        groups.append({"params": params, "lr": lr * ratio})
+        taken |= ids
+    return [{"params": [p for p in run.parameters if id(p) not in taken]}] + groups
 

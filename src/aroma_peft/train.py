@@ -111,6 +111,7 @@ OPTION_RULES = {
     "delta_t": _POSITIVE_INT, "orth_reg_weight": _NONNEG,
     "reset": (f"one of {RESET_MODES}", lambda v: v in RESET_MODES),
     "reinit": (f"one of {REINIT_MODES}", lambda v: v in REINIT_MODES), "loraplus_lr_ratio": _POSITIVE,
+    "a_lr_ratio": _NONNEG,
     "init_scale": _POSITIVE,
     "outer_criterion": (f"one of {OUTER_CRITERIA}", lambda v: v in OUTER_CRITERIA),
     "converged_component": (f"one of {CONVERGED_COMPONENT}", lambda v: v in CONVERGED_COMPONENT),
@@ -123,7 +124,7 @@ _NONE_ALLOWED = {"max_new_tokens", "epochs", "max_steps", "save_steps", "train_l
 # AROMA's re-initialization and LoRA+): a run's definition records one only where it differs from its
 # default, and a checkpoint that lacks one was made at its default, so an older checkpoint still resumes.
 _LATER_OPTIONS = ("family", "mixed_precision", "grad_accum", "train_file", "train_tasks", "decoder_only")
-_LATER_METHOD_OPTIONS = ("reinit", "loraplus_lr_ratio", "init_scale")
+_LATER_METHOD_OPTIONS = ("reinit", "loraplus_lr_ratio", "init_scale", "a_lr_ratio")
 
 
 def _later_defaults(opts: TrainOptions) -> dict:
@@ -246,7 +247,7 @@ def run(opts: TrainOptions, splits: dict[str, list] | None = None) -> dict:
     eval_data = family.eval_data(tokenizer, eval_splits, opts.max_seq_len)
     baseline = family.baseline(train_examples, eval_splits)
 
-    optimizer = torch.optim.AdamW(optimizer_groups(method_run, opts.lr, mopts.loraplus_lr_ratio), lr=opts.lr,
+    optimizer = torch.optim.AdamW(optimizer_groups(method_run, opts.lr, mopts.loraplus_lr_ratio, mopts.a_lr_ratio), lr=opts.lr,
                                   weight_decay=opts.weight_decay)
     scheduler = method_run.make_scheduler(optimizer)
     history = RankHistory(method_run)
