@@ -1,6 +1,7 @@
 """Per-component quantities of finished runs: how large each rank-one component of the update is.
 
     python benchmarks/component_norms.py RUN_DIR [RUN_DIR...]
+    python benchmarks/component_norms.py LORA_RUN_DIR --starts-from ONE_STEP_RUN_DIR
 
 A run is an AROMA/ReLoRA run (its ``adapter/`` holds ``merged_A``/``merged_B``) or a LoRA run (a PEFT
 LoRA adapter in ``adapter/``). For component k of each module, with s the adapter's scale:
@@ -13,7 +14,8 @@ LoRA adapter in ``adapter/``). For component k of each module, with s the adapte
   0.56, 5/9, for a Kaiming uniform draw);
 - for an AROMA run with ``reinit="kaiming"`` (the paper's), how far ``a_k`` turned in its inner loop:
   its cosine with the Kaiming draw it started from, recomputed from the run's seed (1: it never
-  turned; about 0.05 against an unrelated draw of 384 entries);
+  turned; about 0.05 against an unrelated draw of 384 entries); for a LoRA run, against the A of
+  ``--starts-from``'s run;
 
 printed as min / median / max over the modules that have a k-th component, then the whole update
 ``||s B A||_F`` of each module (min / median / max), its ratio to ``||W0||_F``, and how the
@@ -144,12 +146,33 @@ def table(rows: dict[str, dict]) -> list[str]:
     return lines
 
 
+def starts_from(run_dir: Path, factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``--starts-from RUN``: the A factors of another run (for LoRA, a one-step run with the same seed
+    and options, whose A is still PEFT's draw), module by module, to compare each ``a`` with."""
+    other = run_factors(run_dir)
+    if sorted(other) != sorted(factors) or any(other[m][1].shape != factors[m][1].shape for m in factors):
+        raise SystemExit(f"{run_dir}: its adapter's modules or ranks differ from the run's; --starts-from needs the "
+                         "same method, rank and model")
+    return {m: other[m][1] for m in factors}
+
+
 def main(argv: list[str]) -> None:
-    for d in map(Path, argv):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished runs' folders")
+    parser.add_argument("--starts-from", type=Path, default=None,
+                        help="a run whose A factors are where the run's started (one run only; AROMA runs with "
+                             "reinit='kaiming' need none: their draws are recomputed from the seed)")
+    args = parser.parse_args(argv)
+    if args.starts_from is not None and len(args.runs) != 1:
+        parser.error("--starts-from compares one run with its start: pass one run")
+    for d in args.runs:
         if not (d / "config.json").is_file():
             raise SystemExit(f"{d / 'config.json'}: not found (pass a finished run's folder)")
         factors = run_factors(d)
-        rows = component_rows(factors, base_weights(d, factors), initial_draws(d))
+        starts = starts_from(args.starts_from, factors) if args.starts_from is not None else initial_draws(d)
+        rows = component_rows(factors, base_weights(d, factors), starts)
         print(f"{d}: {len(rows)} modules, ranks {sorted(len(r['components']) for r in rows.values())}")
         print("\n".join(table(rows)))
 

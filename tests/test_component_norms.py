@@ -135,3 +135,29 @@ def test_each_a_is_compared_with_the_draw_it_started_from(tmp_path):
     assert cn.initial_draws(tmp_path / "sign") is None
     model.export_lora(tmp_path / "lora" / "adapter")
     assert cn.initial_draws(tmp_path / "lora") is None
+
+
+def test_a_lora_run_is_compared_with_the_a_of_the_run_it_starts_from(tmp_path):
+    def lora_run(path, a, b):
+        (path / "adapter").mkdir(parents=True)
+        save_file({"base_model.model.enc.q.lora_A.weight": a, "base_model.model.enc.q.lora_B.weight": b},
+                  str(path / "adapter" / "adapter_model.safetensors"))
+        config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "rank_pattern": {}, "alpha_pattern": {}}
+        (path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+
+    g = torch.Generator().manual_seed(0)
+    a0, a1, b = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g)
+    lora_run(tmp_path / "start", a0, torch.zeros(5, 2))
+    lora_run(tmp_path / "end", a1, b)
+    cn = load()
+    factors = cn.run_factors(tmp_path / "end")
+    starts = cn.starts_from(tmp_path / "start", factors)
+    rows = cn.component_rows(factors, {"enc.q": torch.randn(5, 6, generator=g)}, starts)["enc.q"]
+    for k in range(2):
+        expected = float(np.dot(a0[k].numpy(), a1[k].numpy()) / (np.linalg.norm(a0[k].numpy()) * np.linalg.norm(a1[k].numpy())))
+        assert rows["components"][k]["turn"] == pytest.approx(expected, rel=1e-6)
+    lora_run(tmp_path / "other", torch.randn(3, 6), torch.randn(5, 3))
+    with pytest.raises(SystemExit, match="modules or ranks differ"):
+        cn.starts_from(tmp_path / "other", factors)
+    with pytest.raises(SystemExit):  # two runs and one start: which one started there?
+        cn.main([str(tmp_path / "end"), str(tmp_path / "start"), "--starts-from", str(tmp_path / "start")])
