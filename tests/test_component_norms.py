@@ -161,3 +161,15 @@ def test_a_lora_run_is_compared_with_the_a_of_the_run_it_starts_from(tmp_path):
         cn.starts_from(tmp_path / "other", factors)
     with pytest.raises(SystemExit):  # two runs and one start: which one started there?
         cn.main([str(tmp_path / "end"), str(tmp_path / "start"), "--starts-from", str(tmp_path / "start")])
+
+
+def test_update_cosines_match_numpy_and_name_a_mismatch():
+    g = np.random.default_rng(1)
+    a1, b1, a2, b2 = g.normal(size=(2, 6)), g.normal(size=(5, 2)), g.normal(size=(1, 6)), g.normal(size=(5, 1))
+    f1 = {"m": (2.0, torch.tensor(a1), torch.tensor(b1))}
+    f2 = {"m": (4.0, torch.tensor(a2), torch.tensor(b2))}
+    u, v = (2.0 * b1 @ a1).ravel(), (4.0 * b2 @ a2).ravel()
+    assert load().update_cosines(f1, f2)["m"] == pytest.approx(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)), rel=1e-12)
+    assert load().update_cosines(f1, {"m": (1.0, torch.tensor(a1), torch.tensor(-b1))})["m"] == pytest.approx(-1.0)
+    with pytest.raises(SystemExit, match="different modules"):
+        load().update_cosines(f1, {"n": f2["m"]})
