@@ -47,6 +47,32 @@ def synthetic_batches(n_batches: int, batch_size: int = 16, seq_len: int = 12, s
     return batches
 
 
+def train_steps(model, opt, ctrl, data, start: int, stop: int) -> None:
+    """Steps ``start`` to ``stop`` of an AROMA run on ``data`` (cycled), the controller after each."""
+    model.train()
+    for step in range(start, stop):
+        model(**data[step % len(data)]).loss.backward()
+        opt.step(); ctrl.scheduler.step(); opt.zero_grad()
+        ctrl.step()
+
+
+def save_and_resume(directory: Path, model, opt, ctrl, lr: float = 1e-2):
+    """Checkpoint an AROMA run on ``tiny_bert(0)`` (adapter, controller, optimizer and schedule) into
+    ``directory`` and load it into a new model, AdamW and controller, as a resumed run does."""
+    from aroma_peft import AromaController, AromaModel, load_controller_state
+
+    model.save_pretrained(directory, controller=ctrl)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": ctrl.scheduler.state_dict()}, directory / "optim.pt")
+    model = AromaModel.from_pretrained(tiny_bert(0), directory, is_trainable=True)
+    opt = torch.optim.AdamW(model.adapter_parameters(), lr=lr)
+    saved = torch.load(directory / "optim.pt", weights_only=True)
+    opt.load_state_dict(saved["optimizer"])
+    ctrl = AromaController(model, opt)
+    ctrl.scheduler.load_state_dict(saved["scheduler"])
+    ctrl.load_state_dict(load_controller_state(directory))
+    return model, opt, ctrl
+
+
 @pytest.fixture
 def bert():
     return tiny_bert()

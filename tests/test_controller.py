@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import synthetic_batches, tiny_bert
+from conftest import save_and_resume, synthetic_batches, tiny_bert
 
-from aroma_peft import AromaConfig, AromaController, AromaModel, get_aroma_model, load_controller_state, lr_factor
+from aroma_peft import AromaConfig, AromaController, get_aroma_model, lr_factor
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
@@ -149,18 +149,7 @@ def test_resume_mid_inner_loop_makes_the_same_decisions_and_weights(tmp_path):
     model, opt, ctrl = make()
     train(model, opt, ctrl, data, 137)  # 137: in the middle of an inner loop (T_in = 20)
     assert ctrl.loop.inner_step == 17
-    model.save_pretrained(tmp_path / "ckpt", controller=ctrl)
-    opt_state, sched_state = opt.state_dict(), ctrl.scheduler.state_dict()
-    torch.save({"optimizer": opt_state, "scheduler": sched_state}, tmp_path / "ckpt" / "optim.pt")
-    del model, opt, ctrl
-
-    model = AromaModel.from_pretrained(tiny_bert(0), tmp_path / "ckpt", is_trainable=True)
-    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
-    saved = torch.load(tmp_path / "ckpt" / "optim.pt", weights_only=True)
-    opt.load_state_dict(saved["optimizer"])
-    ctrl = AromaController(model, opt)
-    ctrl.scheduler.load_state_dict(saved["scheduler"])
-    ctrl.load_state_dict(load_controller_state(tmp_path / "ckpt"))
+    model, opt, ctrl = save_and_resume(tmp_path / "ckpt", model, opt, ctrl)
     train(model, opt, ctrl, data, 300 - 137, start=137)
 
     assert ctrl.history == ref_ctrl.history

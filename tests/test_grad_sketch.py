@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from conftest import synthetic_batches, tiny_bert
+from conftest import save_and_resume, synthetic_batches, tiny_bert, train_steps
 from torch import nn
 
-from aroma_peft import AromaConfig, AromaController, AromaModel, get_aroma_model, load_controller_state
+from aroma_peft import AromaConfig, AromaController, get_aroma_model, load_controller_state
 from aroma_peft.grad_sketch import GradientSketch
 from aroma_peft.seeds import derived_seed
 
@@ -148,29 +148,13 @@ def test_reinit_previous_keeps_the_merged_a_restarts_b_and_the_next_step_is_a_fr
 
 def test_resume_mid_window_is_bitwise_the_same_run(tmp_path):
     data = synthetic_batches(10)
-
-    def train(model, opt, ctrl, start, stop):
-        model.train()
-        for step in range(start, stop):
-            model(**data[step % len(data)]).loss.backward()
-            opt.step(); ctrl.scheduler.step(); opt.zero_grad()
-            ctrl.step()
-
     ref = make()
-    train(*ref, 0, 60)
+    train_steps(*ref, data, 0, 60)
     model, opt, ctrl = make()
-    train(model, opt, ctrl, 0, 35)  # 5 steps into the window of the second inner loop
+    train_steps(model, opt, ctrl, data, 0, 35)  # 5 steps into the window of the second inner loop
     assert ctrl.loop.inner_step % 10 == 5 and ctrl.sketches[0].y.abs().max() > 0  # 5 steps into a window
-    model.save_pretrained(tmp_path / "ckpt", controller=ctrl)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": ctrl.scheduler.state_dict()}, tmp_path / "optim.pt")
-    model = AromaModel.from_pretrained(tiny_bert(0), tmp_path / "ckpt", is_trainable=True)
-    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
-    saved = torch.load(tmp_path / "optim.pt", weights_only=True)
-    opt.load_state_dict(saved["optimizer"])
-    ctrl = AromaController(model, opt)
-    ctrl.scheduler.load_state_dict(saved["scheduler"])
-    ctrl.load_state_dict(load_controller_state(tmp_path / "ckpt"))
-    train(model, opt, ctrl, 35, 60)
+    model, opt, ctrl = save_and_resume(tmp_path, model, opt, ctrl)
+    train_steps(model, opt, ctrl, data, 35, 60)
     assert ctrl.history == ref[2].history
     ref_state, state = ref[0].state_dict(), model.state_dict()
     for k in ref_state:

@@ -6,10 +6,10 @@ recorded itself (never from the layer's merged buffers), or from Adam's first-st
 import peft
 import pytest
 import torch
-from conftest import synthetic_batches, tiny_bert
+from conftest import save_and_resume, synthetic_batches, tiny_bert, train_steps
 from test_layer import KINDS, build, make_input, reference, set_live, tolerance
 
-from aroma_peft import AromaConfig, AromaController, AromaModel, get_aroma_model, load_controller_state
+from aroma_peft import AromaConfig, AromaController, get_aroma_model
 
 TARGETS = ["query", "value", "intermediate.dense"]
 
@@ -123,32 +123,17 @@ def test_offset_falls_back_to_the_plain_reinit_when_the_merged_pair_is_zero():
     assert not layer.has_offset and torch.count_nonzero(layer.lora_B) == 0 and layer.rank == 1
 
 
-def train(model, opt, ctrl, data, start, stop):
-    model.train()
-    for step in range(start, stop):
-        model(**data[step % len(data)]).loss.backward()
-        opt.step(); ctrl.scheduler.step(); opt.zero_grad()
-        ctrl.step()
-
-
 def test_resume_mid_component_with_an_offset_is_bitwise_the_same_run(tmp_path):
     data = synthetic_batches(10)
     ref = make()
-    train(*ref, data, 0, 60)
+    train_steps(*ref, data, 0, 60)
     model, opt, ctrl = make()
-    train(model, opt, ctrl, data, 0, 35)
+    train_steps(model, opt, ctrl, data, 0, 35)
     assert all(layer.has_offset for layer in ctrl.layers)  # mid-component, after a merge
-    model.save_pretrained(tmp_path / "ckpt", controller=ctrl)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": ctrl.scheduler.state_dict()}, tmp_path / "optim.pt")
-    model = AromaModel.from_pretrained(tiny_bert(0), tmp_path / "ckpt", is_trainable=True)
-    assert [layer.num_merged for layer in model.aroma_layers.values()] == [layer.num_merged for layer in ctrl.layers]
-    opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2)
-    saved = torch.load(tmp_path / "optim.pt", weights_only=True)
-    opt.load_state_dict(saved["optimizer"])
-    ctrl = AromaController(model, opt)
-    ctrl.scheduler.load_state_dict(saved["scheduler"])
-    ctrl.load_state_dict(load_controller_state(tmp_path / "ckpt"))
-    train(model, opt, ctrl, data, 35, 60)
+    merged = [layer.num_merged for layer in ctrl.layers]
+    model, opt, ctrl = save_and_resume(tmp_path, model, opt, ctrl)
+    assert [layer.num_merged for layer in model.aroma_layers.values()] == merged
+    train_steps(model, opt, ctrl, data, 35, 60)
     assert ctrl.history == ref[2].history
     ref_state, state = ref[0].state_dict(), model.state_dict()
     assert set(ref_state) == set(state)
@@ -159,7 +144,7 @@ def test_resume_mid_component_with_an_offset_is_bitwise_the_same_run(tmp_path):
 def test_export_mid_component_with_an_offset_gives_peft_the_same_logits(tmp_path):
     data = synthetic_batches(10)
     model, opt, ctrl = make()
-    train(model, opt, ctrl, data, 0, 35)
+    train_steps(model, opt, ctrl, data, 0, 35)
     assert all(layer.has_offset for layer in ctrl.layers)
     model.eval()
     probe = data[0]
