@@ -80,10 +80,9 @@ def initial_draws(run_dir: Path) -> dict[str, torch.Tensor] | None:
         return None
     out = {}
     for index, name in enumerate(meta["modules"]):  # the model order, the layers' own indices
-        rows = tensors[f"{name}.merged_A"].shape[0]
-        draws = [kaiming_draw((config.r, tensors[f"{name}.merged_A"].shape[1]), config.seed, index, k, config.init_scale)
-                 for k in range(rows // config.r)]
-        out[name] = torch.cat(draws) if draws else tensors[f"{name}.merged_A"].new_zeros(tensors[f"{name}.merged_A"].shape)
+        rows, n_in = tensors[f"{name}.merged_A"].shape
+        out[name] = torch.cat([kaiming_draw((config.r, n_in), config.seed, index, k, config.init_scale)
+                               for k in range(rows // config.r)] or [torch.zeros(0, n_in)])
     return out
 
 
