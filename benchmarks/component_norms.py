@@ -21,7 +21,10 @@ LoRA adapter in ``adapter/``). For component k of each module, with s the adapte
 printed as min / median / max over the modules that have a k-th component, then the whole update
 ``||s B A||_F`` of each module (min / median / max), its ratio to ``||W0||_F``, and how the
 components add up: ``||s B A||_F / sqrt(sum_k ||s b_k a_k||_F^2)``, 1 when they are orthogonal
-to one another (their norms add in quadrature), sqrt(k) when all k point the same way.
+to one another (their norms add in quadrature), sqrt(k) when all k point the same way; the sum of
+the component norms ``sum_k ||s b_k a_k||_F`` (how much the components grew in all: the whole
+update's norm had they all pointed one way) and the update's largest singular value (its largest
+single direction).
 """
 
 from __future__ import annotations
@@ -105,9 +108,11 @@ def component_rows(factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]],
                 a0 = starts[name][k].double()
                 rows[-1]["turn"] = (a[k] @ a0 / (a[k].norm() * a0.norm())).item()
             w = w + comp
-        total = (s * b @ a).norm().item()
+        update = s * b @ a
+        total = update.norm().item()
         coherence = total / sum(c["norm"] ** 2 for c in rows) ** 0.5 if any(c["norm"] for c in rows) else 0.0
-        out[name] = {"components": rows, "total": total, "total_ratio": total / w0, "coherence": coherence}
+        out[name] = {"components": rows, "total": total, "total_ratio": total / w0, "coherence": coherence,
+                     "in_line": sum(c["norm"] for c in rows), "top_singular": torch.linalg.matrix_norm(update, 2).item()}
     return out
 
 
@@ -143,6 +148,10 @@ def table(rows: dict[str, dict]) -> list[str]:
                  f"| {_spread([r['total_ratio'] for r in rows.values()], '.2e')} | | | |" + blank)
     lines.append(f"| how they add up: norm of the sum / root sum of squares (1: orthogonal) | {len(rows)} "
                  f"| {_spread([r['coherence'] for r in rows.values()], '.3g')} | | | | |" + blank)
+    lines.append(f"| sum of the component norms (all grown in one direction) | {len(rows)} "
+                 f"| {_spread([r['in_line'] for r in rows.values()], '.3g')} | | | | |" + blank)
+    lines.append(f"| largest singular value of the whole update | {len(rows)} "
+                 f"| {_spread([r['top_singular'] for r in rows.values()], '.3g')} | | | | |" + blank)
     return lines
 
 

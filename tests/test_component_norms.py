@@ -34,6 +34,8 @@ def test_rows_match_a_numpy_computation():
     assert rows["total_ratio"] == pytest.approx(np.linalg.norm(s * b @ a) / np.linalg.norm(w0), rel=1e-12)
     norms = [np.linalg.norm(s * np.outer(b[:, k], a[k])) for k in range(3)]
     assert rows["coherence"] == pytest.approx(np.linalg.norm(s * b @ a) / np.sqrt(np.sum(np.square(norms))), rel=1e-12)
+    assert rows["in_line"] == pytest.approx(np.sum(norms), rel=1e-12)
+    assert rows["top_singular"] == pytest.approx(np.linalg.svd(s * b @ a, compute_uv=False)[0], rel=1e-12)
 
 
 def test_coherence_is_one_for_orthogonal_components_and_sqrt_k_for_aligned_ones():
@@ -43,6 +45,9 @@ def test_coherence_is_one_for_orthogonal_components_and_sqrt_k_for_aligned_ones(
     aligned = load().component_rows({"m": (1.0, torch.ones(3, 4), torch.ones(4, 3))}, {"m": w0})["m"]
     assert orthogonal["coherence"] == pytest.approx(1.0)
     assert aligned["coherence"] == pytest.approx(3 ** 0.5)
+    # Three unit components: in line they make one direction of norm 3, orthogonal three of norm 1.
+    assert orthogonal["in_line"] == aligned["in_line"] / 4 == pytest.approx(3.0)
+    assert (orthogonal["top_singular"], aligned["top_singular"]) == (pytest.approx(1.0), pytest.approx(12.0))
 
 
 def test_an_aroma_adapter_and_its_lora_export_give_the_same_update(tmp_path):
