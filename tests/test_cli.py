@@ -335,3 +335,15 @@ def test_export_lora_of_a_run_whose_modules_all_converged_at_rank_0_says_so(mode
     assert f"ratios {min(ratios):.2e} to {max(ratios):.2e}, below eps_out=10" in err
     assert "lower eps_out" in err and "outer_criterion='update'" in err and "--format merged" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_whose_inner_loops_all_reach_t_in_is_warned_of(model_dir, mrpc_dir, tmp_path):
+    # eps_in 1e-9: a growing norm never meets eq. (5), so every inner loop runs T_in = 4 steps.
+    with pytest.warns(UserWarning, match=r"eq\. \(5\) ended no inner loop: every one ran T_in = 4 steps"):
+        assert train(model_dir, mrpc_dir, tmp_path / "run", "aroma", "--max-inner-steps", "4", "--check-interval", "2",
+                     "--eps-in", "1e-9") == 0
+    checks = json.loads((tmp_path / "run" / "rank_history.json").read_text())["outer_checks"]
+    assert [c["inner_steps"] for c in checks] == [4, 4, 4] and not any(c["ended_by_eq5"] for c in checks)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "- 3 inner loops ended: 0 by eq. (5), 3 at T_in = 4 steps." in report
+    assert "- **Warning: eq. (5) ended no inner loop" in report

@@ -47,6 +47,7 @@ def test_inner_convergence_waits_for_all_then_outer_check():
     s = Script(norms={0: [1.0, 1.05, 3.0], 1: [1.0, 2.0, 2.1]}, ratios={0: [0.1], 1: [0.9]})
     decisions = run(loop, s, 6)
     assert [d.inner_end for d in decisions] == [False] * 5 + [True]
+    assert decisions[-1].ended_by_eq5  # every module held eq. (5), before T_in = 10
     assert s.norm_calls == [(2, [0, 1]), (4, [0, 1]), (6, [0, 1])]  # module 0 keeps training while it waits
     assert s.ratio_calls == [(6, [0, 1])]
     last = decisions[-1]
@@ -76,6 +77,17 @@ def test_inner_cap_ends_the_loop_without_convergence():
     d = run(loop, s, 10)
     assert [x.inner_end for x in d] == [False] * 9 + [True]
     assert d[-1].merged == [0] and loop.modules[0].components == 1
+    assert not d[-1].ended_by_eq5
+
+
+def test_eq5_holding_at_the_cap_ends_the_loop_by_eq5():
+    # T_in = 4, ΔT_in = 2: the check at t = 4 finds +5% < 10%, on the step the cap falls on too.
+    # One module still growing at that check: the cap, not eq. (5), ends the loop.
+    by_eq5 = run(make_loop(n=1, max_inner_steps=4), Script(norms={0: [1.0, 1.05]}, ratios={0: [0.9]}), 4)
+    by_cap = run(make_loop(n=2, max_inner_steps=4),
+                 Script(norms={0: [1.0, 1.05], 1: [1.0, 2.0]}, ratios={0: [0.9], 1: [0.9]}), 4)
+    assert by_eq5[-1].inner_end and by_eq5[-1].ended_by_eq5
+    assert by_cap[-1].inner_end and not by_cap[-1].ended_by_eq5
 
 
 def test_cap_between_checks():

@@ -321,3 +321,59 @@ def test_malformed_json_and_missing_key_are_named(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1, "main": 0.5}\n[1, 2]\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: expected a JSON object"):
         load_run(run)
+
+
+class TestDualLoopNotes:
+    """report.md's "The dual loop" section, from outer_checks written by hand."""
+
+    OPTS = {"max_inner_steps": 200, "check_interval": 10, "eps_in": 0.1, "eps_out": 5e-3}
+
+    @staticmethod
+    def check(step, inner, by_eq5, converged=(), ratios=(0.02, 0.03)):
+        c = {"step": step, "inner_steps": inner, "modules": [0, 1], "eq5_change": [0.05, 0.05],
+             "eq6_ratio": list(ratios), "converged": list(converged)}
+        return c if by_eq5 is None else c | {"ended_by_eq5": by_eq5}
+
+    def notes(self, checks, method="aroma", **opts):
+        from aroma_peft.report import loop_notes
+
+        return loop_notes({"method": method, "method_options": self.OPTS | opts},
+                          {"modules": ["m0", "m1"], "history": [], "outer_checks": checks})
+
+    def test_loops_ended_by_eq5_and_modules_frozen(self):
+        checks = [self.check(120, 120, True), self.check(200, 80, True, converged=[0]),
+                  self.check(400, 200, False), self.check(490, 90, True, converged=[1])]
+        lines, problems = self.notes(checks)
+        assert problems == []
+        assert lines == ["4 inner loops ended: 3 by eq. (5) (after 80 / 90 / 120 steps, min / median / max), "
+                         "1 at T_in = 200 steps.",
+                         "Modules frozen by eq. (6): 2 of 2, at steps 200 to 490."]
+
+    def test_no_loop_ended_by_eq5_is_a_warning_with_the_steps_eq5_needs(self):
+        lines, problems = self.notes([self.check(40, 40, False), self.check(80, 40, False)], max_inner_steps=40)
+        assert len(problems) == 2  # eq. (6) froze nothing either
+        assert problems[0].startswith("eq. (5) ended no inner loop: every one ran T_in = 40 steps")
+        assert "check_interval / eps_in = 100 steps" in problems[0]  # 10 / 0.1
+        assert "eps_out = 0.005 is below every ratio it was compared with (the smallest measured: 0.02)" in problems[1]
+        assert lines[-2:] == [f"**Warning: {p}**" for p in problems]
+
+    def test_files_without_ended_by_eq5_read_a_loop_shorter_than_t_in_as_eq5(self):
+        lines, _ = self.notes([self.check(150, 150, None, converged=[0, 1]), self.check(350, 200, None)])
+        assert lines[0].startswith("2 inner loops ended: 1 by eq. (5) (after 150 / 150 / 150 steps")
+
+    def test_relora_and_runs_without_a_dual_loop_warn_of_nothing(self):
+        lines, problems = self.notes([self.check(50, 50, False)], method="relora", max_inner_steps=50)
+        assert (lines, problems) == (["1 inner loops ended, every one at T_in = 50 steps (eq. (5) is off)."], [])
+        from aroma_peft.report import loop_notes
+
+        assert loop_notes({"method": "lora"}, {"modules": [], "history": []}) == ([], [])
+
+    def test_write_report_shows_the_section_and_raises_the_warning(self, tmp_path):
+        run = aroma_run(tmp_path / "aroma")
+        config = json.loads((run / "config.json").read_text()) | {"method_options": self.OPTS | {"max_inner_steps": 40}}
+        history = json.loads((run / "rank_history.json").read_text()) | {"outer_checks": [self.check(40, 40, False)]}
+        (run / "config.json").write_text(json.dumps(config))
+        (run / "rank_history.json").write_text(json.dumps(history))
+        with pytest.warns(UserWarning, match=r"eq\. \(5\) ended no inner loop"):
+            report = write_report(run).read_text()
+        assert "## The dual loop" in report and "- **Warning: eq. (5) ended no inner loop" in report

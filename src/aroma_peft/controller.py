@@ -242,7 +242,7 @@ class AromaController:
         previous = self.outer_checks[-1]["step"] if self.outer_checks else 0
         checked = sorted(d.converged + d.merged)
         self.outer_checks.append({
-            "step": d.step, "inner_steps": d.step - previous,
+            "step": d.step, "inner_steps": d.step - previous, "ended_by_eq5": d.ended_by_eq5,
             "modules": checked,
             "eq5_change": [self.loop.modules[i].last_change for i in checked],
             "eq6_ratio": [self.loop.modules[i].last_ratio for i in checked],

@@ -40,6 +40,7 @@ class Decision:
     step: int
     checked: list[int] = field(default_factory=list)  # modules whose eq. (5) was evaluated
     inner_end: bool = False  # the inner loop ended at this step
+    ended_by_eq5: bool = False  # ... because eq. (5) held for every active module (else: T_in)
     converged: list[int] = field(default_factory=list)  # eq. (6) held: freeze, discard (or merge) live component
     merged: list[int] = field(default_factory=list)  # eq. (6) failed: merge, reinit, reset
     kept_at_max_steps: list[int] = field(default_factory=list)  # at T: merge live component, freeze
@@ -104,6 +105,7 @@ class DualLoop:
                 self._inner_check(active, norms, decision)
             everyone_done = bool(decision.checked) and all(self.modules[i].inner_converged for i in active)
             if everyone_done or self.inner_step >= self.max_inner_steps:
+                decision.ended_by_eq5 = everyone_done
                 self._outer_check(active, ratios, decision)
         if self.step_count >= self.max_steps and not self.finished:
             self._stop_at_max_steps(decision)

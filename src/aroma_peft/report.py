@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,6 +59,50 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def loop_notes(config: dict, rank_history: dict) -> tuple[list[str], list[str]]:
+    """What the dual loop decided, from the inner-loop ends in ``rank_history.json``: lines for
+    report.md, and the problems among them (a run in which eq. (5) ended no inner loop, or eq. (6)
+    froze no module before T, trained as something other than AROMA; docs/algorithm.md). Runs
+    without a dual loop, or written before ``outer_checks`` were recorded: nothing."""
+    checks = rank_history.get("outer_checks")
+    opts = config.get("method_options") or {}
+    if checks is None or "max_inner_steps" not in opts:
+        return [], []
+    relora = config.get("method") == "relora"  # fixed cycles: eq. (5) and eq. (6) are off
+    eps_in, eps_out = (None, None) if relora else (opts.get("eps_in"), opts.get("eps_out"))
+    t_in, interval = opts["max_inner_steps"], opts["check_interval"]
+    lengths = [c["inner_steps"] for c in checks]
+    # Files written before "ended_by_eq5" was recorded: a loop shorter than T_in was ended by eq. (5).
+    by_eq5 = [c["inner_steps"] for c in checks if c.get("ended_by_eq5", c["inner_steps"] < t_in)]
+    lines, problems = [], []
+    if eps_in is None:
+        lines.append(f"{len(lengths)} inner loops ended, every one at T_in = {t_in} steps (eq. (5) is off).")
+    else:
+        after = (f" (after {min(by_eq5)} / {statistics.median(by_eq5):g} / {max(by_eq5)} steps, min / median / max)"
+                 if by_eq5 else "")
+        lines.append(f"{len(lengths)} inner loops ended: {len(by_eq5)} by eq. (5){after}, "
+                     f"{len(lengths) - len(by_eq5)} at T_in = {t_in} steps.")
+        if lengths and not by_eq5:
+            problems.append(
+                f"eq. (5) ended no inner loop: every one ran T_in = {t_in} steps, so the components were merged on a "
+                f"fixed cycle, as ReLoRA merges them. Under Adam a norm that grows about linearly meets eq. (5) after "
+                f"about check_interval / eps_in = {interval / eps_in:g} steps (docs/algorithm.md, eq. (5)): a "
+                f"max_inner_steps above that lets eq. (5) end the loops.")
+    n_modules = len(rank_history.get("modules", []))
+    converged = [(c["step"], len(c["converged"])) for c in checks if c["converged"]]
+    if converged:
+        lines.append(f"Modules frozen by eq. (6): {sum(n for _, n in converged)} of {n_modules}, "
+                     f"at steps {converged[0][0]} to {converged[-1][0]}.")
+    elif eps_out is not None and checks:
+        ratios = [r for c in checks for r in c["eq6_ratio"] if r is not None]
+        smallest = f" (the smallest measured: {min(ratios):.3g})" if ratios else ""
+        problems.append(
+            f"eq. (6) froze no module before T: eps_out = {eps_out:g} is below every ratio it was compared "
+            f"with{smallest}, so every module trained to T and the trainable parameters fell only there "
+            f"(docs/algorithm.md, \"Setting eps_out\").")
+    return lines + [f"**Warning: {p}**" for p in problems], problems
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Draw both figures and write ``report.md`` into the run directory; returns its path."""
     run_dir = Path(run_dir)
@@ -90,6 +136,12 @@ def write_report(run_dir: str | Path) -> Path:
     lines += _table(["metric", "value", "majority-class baseline"],
                     [(name, f"{value:.4f}", f"{baseline[name]:.4f}" if name in baseline else "-")
                      for name, value in final["metrics"].items()])
+
+    loops, problems = loop_notes(run["config"], run["rank_history"])
+    if loops:
+        lines += ["", "## The dual loop", ""] + [f"- {line}" for line in loops]
+    for problem in problems:
+        warnings.warn(f"{run_dir}: {problem}", stacklevel=2)
 
     modules = run["ranks"]["modules"]
     lines += ["", "## Ranks of the adapted modules", ""]
