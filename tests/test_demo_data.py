@@ -80,10 +80,16 @@ def test_the_demo_summarises_what_aroma_decided(tmp_path):
                             {"step": 270, "inner_steps": 70, "modules": [1, 2, 3], "eq5_change": [0.05] * 3,
                              "eq6_ratio": [0.005, 0.005, 0.02], "converged": [1, 2]}]
     (run / "rank_history.json").write_text(json.dumps(data))
+    config = json.loads((run / "config.json").read_text())
+    config["method_options"] = {"max_inner_steps": 100, "check_interval": 10, "eps_in": 0.1, "eps_out": 1e-2}
+    (run / "config.json").write_text(json.dumps(config))
     text = aroma_behaviour(run)
     assert "4 modules stopped at ranks 1 to 3 (median 2, total 8)" in text
     assert "before T=300: 1 at step 200, 2 at step 270" in text
     assert "4,000 at step 0 -> 2,000 at step 200 -> 770 at step 270" in text
+    # Files without "ended_by_eq5": a loop shorter than T_in = 100 was ended by eq. (5).
+    assert text.endswith(" 3 inner loops ended: 1 by eq. (5) (after 70 / 70 / 70 steps, min / median / max), "
+                         "2 at T_in = 100 steps.")
 
 
 def _final(d: Path, acc: float, initial: int, majority: float = 0.548) -> Path:

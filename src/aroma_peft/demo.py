@@ -149,7 +149,9 @@ def verdict(aroma_dir: Path, lora_dir: Path, points: float = 1.0) -> str:
 
 
 def aroma_behaviour(run_dir: Path) -> str:
-    """What AROMA decided by itself: the ranks the modules stopped at, when, and the trainable count."""
+    """What AROMA decided by itself: the ranks the modules stopped at, when, the trainable count, and
+    how its inner loops ended (``report.loop_notes``)."""
+    from .report import loop_notes
     from .run_files import read_run_file
 
     ranks = [m["rank"] for m in read_run_file(run_dir, "ranks.json")["modules"]]
@@ -163,5 +165,6 @@ def aroma_behaviour(run_dir: Path) -> str:
     when = ", ".join(f"{n} at step {s}" for s, n in converged) or "none"
     return (f"AROMA: {len(ranks)} modules stopped at ranks {min(ranks)} to {max(ranks)} (median "
             f"{sorted(ranks)[len(ranks) // 2]}, total {sum(ranks)}); converged by eq. (6) before T={steps}: {when}; "
-            f"trainable parameters {' -> '.join(falls)}.")
+            f"trainable parameters {' -> '.join(falls)}."
+            + "".join(f" {line}" for line in loop_notes(read_run_file(run_dir, "config.json"), history)[0][:1]))
 
