@@ -255,6 +255,12 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)} seeds)"
 
 
+def _final_loss(runs: list[dict]) -> str:
+    """The training loss of the last evaluation interval, mean over ``runs`` ("-" if one has none)."""
+    losses = [r["curve"][-1][2] for r in runs if r["curve"]]
+    return f"{statistics.mean(losses):.3f}" if losses and len(losses) == len(runs) and None not in losses else "-"
+
+
 def _count(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
 
@@ -297,9 +303,9 @@ def write_report(spec: dict) -> Path:
             budget += (f". Not tuned on {task}: every arm runs the trial chosen on {t['tune_on']} "
                        f"(seed {spec['tune_seed']}), with {task}'s budget")
         lines += [f"## {task.upper()}", "", budget + ".", ""]
-        lines += ["| arm | chosen trial | final " + main + " | peak | trainable (initial / mean / final) | total rank "
-                  "(per module min / median / max) | eff. rank | steps | wall s |",
-                  "|---|---|---|---|---|---|---|---:|---:|"]
+        lines += ["| arm | chosen trial | final " + main + " | peak | final train loss | trainable (initial / mean / "
+                  "final) | total rank (per module min / median / max) | eff. rank | steps | wall s |",
+                  "|---|---|---|---|---:|---|---|---|---:|---:|"]
         for arm in spec["arms"]:
             chosen = chosen_rows(spec, rows, task, arm)
             if not chosen:
@@ -311,7 +317,7 @@ def write_report(spec: dict) -> Path:
                          f"{statistics.median(ranks):g} / {max(ranks)})") if ranks else "-"
             lines.append(
                 f"| {arm} | {_fmt_trial(chosen[0]['trial'])} | {_mean_std([r['final'] for r in chosen])} "
-                f"| {100 * statistics.mean(r['peak'] for r in chosen):.2f} "
+                f"| {100 * statistics.mean(r['peak'] for r in chosen):.2f} | {_final_loss(chosen)} "
                 f"| {_count(statistics.mean(x['initial'] for x in tr))} / {_count(statistics.mean(x['mean'] for x in tr))}"
                 f" / {_count(statistics.mean(x['final'] for x in tr))} | {rank_cell} "
                 f"| {f'{100 * statistics.mean(eff):.1f}%' if eff else '-'} "
@@ -326,10 +332,12 @@ def write_report(spec: dict) -> Path:
         if pending:
             lines += ["", "Still tuning (no row above until every trial is done): " + ", ".join(pending) + "."]
         lines += ["", f"Tuning ({task}, seed {spec['tune_seed']}): final (peak at step) per trial.", "",
-                  "| arm | trial | final | peak (step) | total rank | steps |", "|---|---|---:|---|---:|---:|"]
+                  "| arm | trial | final | peak (step) | final train loss | total rank | steps |",
+                  "|---|---|---:|---|---:|---:|---:|"]
         for r in sorted((r for r in task_rows if r["seed"] == spec["tune_seed"]), key=lambda r: (r["arm"], r["trial_key"])):
             lines.append(f"| {r['arm']} | {_fmt_trial(r['trial'])} | {100 * r['final']:.2f} "
-                         f"| {100 * r['peak']:.2f} ({r['peak_step']}) | {r['total_rank']} | {r['steps']} |")
+                         f"| {100 * r['peak']:.2f} ({r['peak_step']}) | {_final_loss([r])} | {r['total_rank']} "
+                         f"| {r['steps']} |")
         lines += ["", f"![dev {main} vs step]({task}_curves.png)", f"![trainable parameters]({task}_trainable.png)",
                   f"![final rank per module]({task}_ranks.png)", ""]
         plot_task(spec, rows, task, results)

@@ -57,6 +57,11 @@ def test_tunes_then_runs_seeds_then_skips_what_is_done(study, model_dir, mrpc_di
     for arm in ("lora", "aroma", "aroma-no-reset"):
         assert f"| {arm} |" in report
     assert "(2 seeds)" in report and "Majority class" in report
+    # The aroma row's final train loss: the mean over its two seeds of metrics.jsonl's last train_loss.
+    last = [json.loads((tmp_path / "results" / "runs" / r / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]
+            for r in runs if r.startswith("mrpc/aroma/")]
+    row = next(line for line in report.splitlines() if line.startswith("| aroma |") and "(2 seeds)" in line)
+    assert row.split(" | ")[4] == f"{sum(last) / 2:.3f}"
     for figure in ("mrpc_curves.png", "mrpc_trainable.png", "mrpc_ranks.png"):
         assert (tmp_path / "results" / figure).stat().st_size > 0
     data = json.loads((tmp_path / "results" / "results.json").read_text())
