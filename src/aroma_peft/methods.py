@@ -149,11 +149,17 @@ def prepare(method: str, base: nn.Module, opts: MethodOptions, *, max_steps: int
     return _prepare_selective(method, base, opts, max_steps, warmup_steps)
 
 
+def loop_tolerances(method: str, eps_in: float | None, eps_out: float | None) -> tuple[float | None, float | None]:
+    """The (eps_in, eps_out) the dual loop of ``method`` runs with: ReLoRA's fixed cycles switch
+    eqs. (5) and (6) off, whatever the options say."""
+    return (None, None) if method == "relora" else (eps_in, eps_out)
+
+
 def _prepare_aroma(method, base, opts, max_steps, warmup_steps, seed) -> MethodRun:
-    relora = method == "relora"
+    eps_in, eps_out = loop_tolerances(method, opts.eps_in, opts.eps_out)
     config = AromaConfig(
         target_modules=opts.target_modules, modules_to_save=tuple(opts.modules_to_save), r=opts.r,
-        alpha=opts.alpha, eps_in=None if relora else opts.eps_in, eps_out=None if relora else opts.eps_out,
+        alpha=opts.alpha, eps_in=eps_in, eps_out=eps_out,
         outer_criterion=opts.outer_criterion, converged_component=opts.converged_component,
         check_interval=opts.check_interval, max_inner_steps=opts.max_inner_steps, max_steps=max_steps,
         warmup_steps=warmup_steps, restart_warmup_steps=opts.restart_warmup_steps, reset=opts.reset,

@@ -68,8 +68,9 @@ def loop_notes(config: dict, rank_history: dict) -> tuple[list[str], list[str]]:
     opts = config.get("method_options") or {}
     if checks is None or "max_inner_steps" not in opts:
         return [], []
-    relora = config.get("method") == "relora"  # fixed cycles: eq. (5) and eq. (6) are off
-    eps_in, eps_out = (None, None) if relora else (opts.get("eps_in"), opts.get("eps_out"))
+    from .methods import loop_tolerances
+
+    eps_in, eps_out = loop_tolerances(config.get("method"), opts.get("eps_in"), opts.get("eps_out"))
     t_in, interval = opts["max_inner_steps"], opts["check_interval"]
     lengths = [c["inner_steps"] for c in checks]
     # Files written before "ended_by_eq5" was recorded: a loop shorter than T_in was ended by eq. (5).
