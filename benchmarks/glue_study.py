@@ -11,6 +11,8 @@ options and the trials to tune over). Each task runs in two phases: every trial 
 ``tune_seed``; then the trial with the best final dev metric, per arm, with every seed in ``seeds``.
 An arm with ``"from": OTHER`` takes OTHER's chosen trial with its own options on top (an ablation
 such as AROMA without Reset). A value ``"0.25*T"`` is that fraction of the task's ``max_steps``.
+``reference`` (default: the first arm) is the baseline each arm's seeds are compared with in the
+report: the difference of the means and Welch's t-test p-value.
 
 Each run trains through ``aroma_peft.train.run`` in its own process, in ``work/`` (adapters,
 checkpoints). When it ends, its small JSON files are copied to ``results/runs/``: a run is done
@@ -61,6 +63,10 @@ def load_spec(path: Path) -> dict:
                 raise ValueError(f"{path}: arms.{name}.from={arm['from']!r} must name an arm without 'from'")
         elif "method" not in arm:
             raise ValueError(f"{path}: arms.{name} needs 'method' (or 'from')")
+    spec.setdefault("reference", next(iter(spec["arms"]), None))
+    if spec["reference"] not in spec["arms"]:
+        raise ValueError(f"{path}: reference={spec['reference']!r} must name an arm of the spec (the baseline "
+                         "every other arm's mean is compared with)")
     spec.setdefault("tune_seed", spec["seeds"][0])
     spec.setdefault("common", {})
     return spec
@@ -261,6 +267,22 @@ def _final_loss(runs: list[dict]) -> str:
     return f"{statistics.mean(losses):.3f}" if losses and len(losses) == len(runs) and None not in losses else "-"
 
 
+def against(runs: list[dict], reference: list[dict]) -> str:
+    """Mean difference from the reference arm's seeds (x100) and Welch's t-test p-value, as a table cell.
+
+    "-" with fewer than two seeds on either side: one run has no spread to test against.
+    """
+    if len(runs) < 2 or len(reference) < 2:
+        return "-"
+    from scipy.stats import ttest_ind
+
+    a, b = [r["final"] for r in runs], [r["final"] for r in reference]
+    diff = 100 * (statistics.mean(a) - statistics.mean(b))
+    if len(set(a)) == 1 and len(set(b)) == 1:  # every seed the same on both sides: no spread to test
+        return f"{diff:+.2f} (no spread)"
+    return f"{diff:+.2f} (p {ttest_ind(a, b, equal_var=False).pvalue:.2g})"
+
+
 def _count(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
 
@@ -286,7 +308,9 @@ def write_report(spec: dict) -> Path:
     lines = [f"# Study: {spec.get('name', 'GLUE')}", "",
              f"Model `{spec['model']}`; {len(rows)} finished runs. Written by `python benchmarks/glue_study.py "
              f"{spec.get('spec_path', 'SPEC')}` after every run. Metrics x100 on the dev split; *final* is the "
-             f"metric at the end of the run (what tuning picks on), *peak* the best evaluation during it.", ""]
+             f"metric at the end of the run (what tuning picks on), *peak* the best evaluation during it; *vs "
+             f"{spec['reference']}* the difference of the seeds' means from {spec['reference']}'s, with Welch's "
+             f"t-test p-value (two-sided; with three seeds a side only a large gap reads below 0.05).", ""]
     for task in spec["tasks"]:
         task_rows = [r for r in rows if r["task"] == task]
         if not task_rows:
@@ -303,9 +327,11 @@ def write_report(spec: dict) -> Path:
             budget += (f". Not tuned on {task}: every arm runs the trial chosen on {t['tune_on']} "
                        f"(seed {spec['tune_seed']}), with {task}'s budget")
         lines += [f"## {task.upper()}", "", budget + ".", ""]
-        lines += ["| arm | chosen trial | final " + main + " | peak | final train loss | trainable (initial / mean / "
-                  "final) | total rank (per module min / median / max) | eff. rank | steps | wall s |",
-                  "|---|---|---|---|---:|---|---|---|---:|---:|"]
+        reference = chosen_rows(spec, rows, task, spec["reference"])
+        lines += ["| arm | chosen trial | final " + main + " | vs " + spec["reference"] + " (Welch p) | peak "
+                  "| final train loss | trainable (initial / mean / final) | total rank (per module min / median / "
+                  "max) | eff. rank | steps | wall s |",
+                  "|---|---|---|---|---|---:|---|---|---|---:|---:|"]
         for arm in spec["arms"]:
             chosen = chosen_rows(spec, rows, task, arm)
             if not chosen:
@@ -317,7 +343,7 @@ def write_report(spec: dict) -> Path:
                          f"{statistics.median(ranks):g} / {max(ranks)})") if ranks else "-"
             lines.append(
                 f"| {arm} | {_fmt_trial(chosen[0]['trial'])} | {_mean_std([r['final'] for r in chosen])} "
-                f"| {100 * statistics.mean(r['peak'] for r in chosen):.2f} | {_final_loss(chosen)} "
+                f"| {against(chosen, reference) if arm != spec['reference'] else '-'} | {100 * statistics.mean(r['peak'] for r in chosen):.2f} | {_final_loss(chosen)} "
                 f"| {_count(statistics.mean(x['initial'] for x in tr))} / {_count(statistics.mean(x['mean'] for x in tr))}"
                 f" / {_count(statistics.mean(x['final'] for x in tr))} | {rank_cell} "
                 f"| {f'{100 * statistics.mean(eff):.1f}%' if eff else '-'} "

@@ -61,7 +61,7 @@ def test_tunes_then_runs_seeds_then_skips_what_is_done(study, model_dir, mrpc_di
     last = [json.loads((tmp_path / "results" / "runs" / r / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]
             for r in runs if r.startswith("mrpc/aroma/")]
     row = next(line for line in report.splitlines() if line.startswith("| aroma |") and "(2 seeds)" in line)
-    assert row.split(" | ")[4] == f"{sum(last) / 2:.3f}"
+    assert row.split(" | ")[5] == f"{sum(last) / 2:.3f}"
     for figure in ("mrpc_curves.png", "mrpc_trainable.png", "mrpc_ranks.png"):
         assert (tmp_path / "results" / figure).stat().st_size > 0
     data = json.loads((tmp_path / "results" / "results.json").read_text())
@@ -158,6 +158,31 @@ def test_stop_starting_after_starts_nothing_once_the_time_is_up(study, model_dir
     assert len(configs) == 1 and configs[0]["device"] == "cpu"
     with pytest.raises(SystemExit):
         study.main([str(path), "--stop-starting-after", "-1"])
+
+
+def test_against_the_reference_is_welchs_test_by_hand(study):
+    """The difference of the means and Welch's p, checked against the textbook formula."""
+    from scipy.stats import t as student_t
+
+    a, b = [0.80, 0.82, 0.81], [0.83, 0.85, 0.82, 0.84]
+    va, vb = (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1) for v in (a, b))
+    se2 = va / len(a) + vb / len(b)
+    tstat = (sum(a) / len(a) - sum(b) / len(b)) / se2 ** 0.5
+    df = se2 ** 2 / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1))
+    p = 2 * student_t.sf(abs(tstat), df)
+    cell = study.against([{"final": x} for x in a], [{"final": x} for x in b])
+    assert cell == f"{100 * (sum(a) / 3 - sum(b) / 4):+.2f} (p {p:.2g})" and cell.startswith("-2.")
+    assert study.against([{"final": 0.8}], [{"final": x} for x in b]) == "-"  # one seed: nothing to test
+    assert study.against([{"final": 0.8}] * 2, [{"final": 0.7}] * 3) == "+10.00 (no spread)"
+
+
+def test_a_reference_that_is_not_an_arm_is_named(study, tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"model": "m", "data_dir": "d", "results": "r", "work": "w", "seeds": [0],
+                                "tasks": {"mrpc": {"max_steps": 4}}, "reference": "lora-r16",
+                                "arms": {"lora": {"method": "lora"}}}))
+    with pytest.raises(ValueError, match="reference='lora-r16' must name an arm"):
+        study.load_spec(path)
 
 
 def test_loss_vs_dev_ranks_the_runs_above_the_floor_only(study, tmp_path):
