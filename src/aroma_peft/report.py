@@ -167,54 +167,89 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
+# config.json keys that may differ between the seeds of one setting: where and on what the run ran
+SEED_FREE_KEYS = frozenset({"seed", "out", "resume", "progress", "device"})
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """``{"method_options": {"eps_in": 0.1}}`` as ``{"method_options.eps_in": 0.1}``."""
+    flat = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[prefix + k] = v
+    return flat
+
+
 def compare_runs(run_dirs: Sequence[str | Path]) -> str:
     """A Table 2-style markdown table: one row per method, one column per task (main metric x100), Avg.
 
-    Runs are grouped by method; two runs of the same method on the same task are an error. The
-    #Param cell averages initial / mean / final over the row's runs. A last row gives the
-    majority-class baseline of each task.
+    Runs are grouped by method and task. Several runs in one group are seeds of one setting: the
+    cell is their mean ± standard deviation (and how many), and their ``config.json`` must agree
+    on everything but the seed and where the run ran (``SEED_FREE_KEYS``; a key that one file lacks,
+    written by an older version, is not compared); two runs with the same seed, or with different
+    settings, are an error. The #Param cell averages initial / mean / final
+    over the row's runs. A last row gives the majority-class baseline of each task.
     """
     if not run_dirs:
         raise ValueError("compare_runs needs at least one run directory")
-    by_method: dict[str, dict[str, dict]] = {}
-    sources: dict[tuple[str, str], Path] = {}
+    groups: dict[tuple[str, str], list[tuple[Path, dict, dict]]] = {}
     for run_dir in run_dirs:
         final = read_run_file(run_dir, "final_metrics.json")
         if final["main_metric"] not in final["metrics"]:
             raise ValueError(f"{Path(run_dir) / 'final_metrics.json'}: main metric {final['main_metric']!r} "
                              f"not among its metrics {sorted(final['metrics'])}: was the run ever evaluated?")
+        config = read_run_file(run_dir, "config.json")
         key = (final["method"], final["task"])
-        if key in sources:
-            raise ValueError(f"two runs of method {key[0]!r} on task {key[1]!r}: {sources[key]} and {run_dir}; "
-                             f"compare one run per method and task")
-        sources[key] = Path(run_dir)
-        by_method.setdefault(final["method"], {})[final["task"]] = final
+        for other, other_config, _ in groups.get(key, []):
+            if other_config.get("seed") == config.get("seed"):
+                raise ValueError(f"two runs of method {key[0]!r} on task {key[1]!r} with seed "
+                                 f"{config.get('seed')!r}: {other} and {run_dir}; compare one run per method, "
+                                 f"task and seed")
+            mine, theirs = _flat(config), _flat(other_config)
+            differ = sorted(k for k in (set(mine) & set(theirs)) - SEED_FREE_KEYS if mine[k] != theirs[k])
+            if differ:
+                raise ValueError(f"runs of method {key[0]!r} on task {key[1]!r} differ in "
+                                 + ", ".join(f"{k} ({theirs[k]!r} in {other}, {mine[k]!r} in {run_dir})"
+                                             for k in differ)
+                                 + ": a cell averages seeds of one setting; compare settings as separate tables")
+        groups.setdefault(key, []).append((Path(run_dir), config, final))
 
+    by_method: dict[str, dict[str, list[dict]]] = {}
+    for (method, task), runs in groups.items():
+        by_method.setdefault(method, {})[task] = [final for _, _, final in runs]
     tasks = sorted({task for runs in by_method.values() for task in runs})
-    main_of = {task: next(runs[task]["main_metric"] for runs in by_method.values() if task in runs)
+    main_of = {task: next(runs[task][0]["main_metric"] for runs in by_method.values() if task in runs)
                for task in tasks}
 
-    def score_cells(scores: dict[str, float]) -> list[str]:
-        cells = [f"{100 * scores[t]:.2f}" if t in scores else "-" for t in tasks]
-        return cells + [f"{100 * sum(scores.values()) / len(scores):.2f}" if scores else "-"]
+    def score_cells(scores: dict[str, list[float]]) -> list[str]:
+        def cell(values: list[float]) -> str:
+            if len(values) == 1:
+                return f"{100 * values[0]:.2f}"
+            return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)})"
+        means = [statistics.mean(v) for v in scores.values()]
+        return ([cell(scores[t]) if t in scores else "-" for t in tasks]
+                + [f"{100 * sum(means) / len(means):.2f}" if means else "-"])
 
     rows = []
     for method, runs in by_method.items():
-        params = {k: sum(r["trainable_params"][k] for r in runs.values()) / len(runs)
-                  for k in ("initial", "mean", "final")}
-        scores = {t: r["metrics"][r["main_metric"]] for t, r in runs.items()}
+        finals = [f for group in runs.values() for f in group]
+        params = {k: sum(f["trainable_params"][k] for f in finals) / len(finals) for k in ("initial", "mean", "final")}
+        scores = {t: [f["metrics"][f["main_metric"]] for f in group] for t, group in runs.items()}
         rows.append([method, _params_cell(params)] + score_cells(scores))
     majority = {}
     for task in tasks:
-        baselines = [runs[task]["majority_baseline"] for runs in by_method.values() if task in runs]
+        baselines = [runs[task][0]["majority_baseline"] for runs in by_method.values() if task in runs]
         if main_of[task] in baselines[0]:
-            majority[task] = baselines[0][main_of[task]]
+            majority[task] = [baselines[0][main_of[task]]]
     if majority:
         rows.append(["majority class", "-"] + score_cells(majority))
 
     header = ["method", "#Param (initial / mean / final)"] + [f"{t.upper()} {main_of[t]}" for t in tasks] + ["Avg"]
-    footnote = ("Main metric x100. #Param: trainable parameters, averaged over the row's runs. "
-                "Avg: mean over the tasks present in the row; \"-\" marks a task not run with that method.")
+    footnote = ("Main metric x100; mean ± standard deviation (number of seeds) where a cell has several runs. "
+                "#Param: trainable parameters, averaged over the row's runs. Avg: mean over the tasks present "
+                "in the row; \"-\" marks a task not run with that method.")
     return "\n".join(_table(header, rows) + ["", footnote]) + "\n"
 
 
