@@ -256,9 +256,9 @@ def load_results(spec: dict) -> list[dict]:
 
 
 def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{100 * values[0]:.2f} (1 seed)"
-    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)} seeds)"
+    from aroma_peft.report import mean_std
+
+    return mean_std(values) + (" (1 seed)" if len(values) == 1 else "")
 
 
 def _final_loss(runs: list[dict]) -> str:

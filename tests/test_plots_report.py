@@ -223,7 +223,7 @@ def test_compare_runs_averages_the_seeds_of_one_setting(tmp_path):
     rows = _rows(compare_runs(seeds + [lora]))
     # numpy, by hand: mean 81.62, sample standard deviation 0.49 (ddof=1); #Param mean 80k.
     values = np.array([81.62, 81.13, 82.11])
-    expected = f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (3)"
+    expected = f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (3 seeds)"
     assert rows[2] == ["aroma", "0.17M / 0.08M / 0.00M", expected, f"{values.mean():.2f}"]
     assert rows[3][2] == "82.35"  # one run: its value, no spread
 
