@@ -232,7 +232,8 @@ def test_compare_runs_rejects_duplicates_mixed_settings_and_nothing(tmp_path):
     a, b = aroma_run(tmp_path / "a"), aroma_run(tmp_path / "b")  # no seed recorded: the same seed
     with pytest.raises(ValueError, match="two runs of method 'aroma' on task 'mrpc' with seed None"):
         compare_runs([a, b])
-    _set_config(a, seed=0, method_options={"eps_in": 0.1}), _set_config(b, seed=1, lr=2e-3, method_options={"eps_in": 0.05})
+    _set_config(a, seed=0, method_options={"eps_in": 0.1})
+    _set_config(b, seed=1, lr=2e-3, method_options={"eps_in": 0.05})
     with pytest.raises(ValueError, match=r"differ in lr \(0.001 in .*a, 0.002 in .*b\), "
                                          r"method_options.eps_in \(0.1 in .*a, 0.05 in .*b\)"):
         compare_runs([a, b])

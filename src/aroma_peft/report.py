@@ -204,27 +204,26 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> str:
     """
     if not run_dirs:
         raise ValueError("compare_runs needs at least one run directory")
-    groups: dict[tuple[str, str], list[tuple[Path, dict, dict]]] = {}
+    groups: dict[tuple[str, str], list[tuple[Path, dict, dict]]] = {}  # (run dir, flat config, final metrics)
     for run_dir in run_dirs:
         final = read_run_file(run_dir, "final_metrics.json")
         if final["main_metric"] not in final["metrics"]:
             raise ValueError(f"{Path(run_dir) / 'final_metrics.json'}: main metric {final['main_metric']!r} "
                              f"not among its metrics {sorted(final['metrics'])}: was the run ever evaluated?")
-        config = read_run_file(run_dir, "config.json")
+        mine = _flat(read_run_file(run_dir, "config.json"))
         key = (final["method"], final["task"])
-        for other, other_config, _ in groups.get(key, []):
-            if other_config.get("seed") == config.get("seed"):
+        for other, theirs, _ in groups.get(key, []):
+            if theirs.get("seed") == mine.get("seed"):
                 raise ValueError(f"two runs of method {key[0]!r} on task {key[1]!r} with seed "
-                                 f"{config.get('seed')!r}: {other} and {run_dir}; compare one run per method, "
+                                 f"{mine.get('seed')!r}: {other} and {run_dir}; compare one run per method, "
                                  f"task and seed")
-            mine, theirs = _flat(config), _flat(other_config)
             differ = sorted(k for k in (set(mine) & set(theirs)) - SEED_FREE_KEYS if mine[k] != theirs[k])
             if differ:
                 raise ValueError(f"runs of method {key[0]!r} on task {key[1]!r} differ in "
                                  + ", ".join(f"{k} ({theirs[k]!r} in {other}, {mine[k]!r} in {run_dir})"
                                              for k in differ)
                                  + ": a cell averages seeds of one setting; compare settings as separate tables")
-        groups.setdefault(key, []).append((Path(run_dir), config, final))
+        groups.setdefault(key, []).append((Path(run_dir), mine, final))
 
     by_method: dict[str, dict[str, list[dict]]] = {}
     for (method, task), runs in groups.items():
