@@ -186,8 +186,8 @@ def model_path(name: str) -> str:
     return str(importlib.import_module(name.replace("-", "_")).get_model_path())
 
 
-def run_one(spec: dict, run: Run, device: str = "cpu") -> None:
-    """Train one run in this process and copy its summary into ``results/``.
+def run_one(spec: dict, run: Run, device: str = "cpu", summary: bool = True) -> None:
+    """Train one run in this process and copy its summary into ``results/`` (not with ``summary=False``).
 
     ``device`` is not part of the run's key: a run is the same run on CPU or GPU (fp32 either way;
     its ``config.json`` records where it ran)."""
@@ -206,6 +206,8 @@ def run_one(spec: dict, run: Run, device: str = "cpu") -> None:
                            seed=run.seed, progress=False, resume=resume, device=device,
                            method_options=MethodOptions(**method_values), **opts)
     train(options)
+    if not summary:
+        return
     dest = summary_dir(spec, run)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -217,14 +219,44 @@ def run_one(spec: dict, run: Run, device: str = "cpu") -> None:
     os.replace(tmp, dest)  # the summary appears whole or not at all
 
 
-def launch(spec_path: Path, run: Run, threads: int, log_dir: Path, device: str = "cpu") -> int:
+def launch(spec_path: Path, run: Run, threads: int, log_dir: Path, device: str = "cpu", summary: bool = True) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / (run.key.replace("/", "__") + ".log")
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as f:
         return subprocess.call([sys.executable, __file__, str(spec_path), "--run-one",
-                                json.dumps(dataclasses.asdict(run)), "--threads", str(threads), "--device", device],
+                                json.dumps(dataclasses.asdict(run)), "--threads", str(threads), "--device", device]
+                               + ([] if summary else ["--work-only"]),
                                stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def reproduce(spec: dict, spec_path: Path, keys: list[str], threads: int, device: str = "cpu") -> int:
+    """Train finished runs again into their work folders (their adapters, for Fig. 4) and compare.
+
+    The committed summaries are left as they are; a run whose final dev metric differs from its
+    summary's is reported and makes the return value 1."""
+    runs = []
+    for key in keys:  # every key checked before any compute
+        path = ROOT / spec["results"] / "runs" / key / "study_run.json"
+        if not path.is_file():
+            raise ValueError(f"--reproduce {key}: no finished run there (expected {path})")
+        runs.append(Run(**json.loads(path.read_text())))
+    differ = 0
+    for run in runs:
+        print(f"reproduce {run.key}", flush=True)
+        if launch(spec_path, run, threads, ROOT / spec["work"] / "logs", device, summary=False) != 0:
+            print(f"FAILED {run.key}: see {ROOT / spec['work'] / 'logs'}", flush=True)
+            differ = 1
+            continue
+        committed = final_of(spec, run)
+        again = json.loads((work_dir(spec, run) / "final_metrics.json").read_text())
+        name = committed["main_metric"]
+        a, b = committed["metrics"][name], again["metrics"][name]
+        same = a == b
+        differ |= not same
+        print(f"{run.key}: {name} {100 * b:.2f} again, {100 * a:.2f} in its summary"
+              + ("" if same else f" (DIFFERS by {100 * (b - a):+.4f})"), flush=True)
+    return differ
 
 
 # ---------------------------------------------------------------------- results
@@ -442,11 +474,12 @@ def reset_cosines(spec: dict, rows: list[dict], task: str, source: str, arm: str
     cache = results / f"{task}_cosine_{arm}.json"
     pairs = [(r, o) for r in chosen_rows(spec, rows, task, source) for o in chosen_rows(spec, rows, task, arm)
              if r["seed"] == o["seed"]]
-    if not pairs:
-        return None
-    r, o = pairs[0]
-    dirs = [work_dir(spec, make_run(spec, task, x["arm"], x["trial"], x["seed"])) / "adapter" for x in (r, o)]
-    if all((d / "aroma_adapter.json").is_file() for d in dirs):
+    adapters = lambda pair: [work_dir(spec, make_run(spec, task, x["arm"], x["trial"], x["seed"])) / "adapter"  # noqa: E731
+                             for x in pair]
+    on_disk = [p for p in pairs if all((d / "aroma_adapter.json").is_file() for d in adapters(p))]
+    if on_disk:  # the first seed whose two adapters are here (--reproduce brings a run's adapter back)
+        r, o = on_disk[0]
+        dirs = adapters(on_disk[0])
         from aroma_peft.io import read_adapter
 
         t1, t2 = (read_adapter(d)[2] for d in dirs)  # format 1 or 2, keyed "{module}.merged_A"
@@ -560,7 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-starting-after", type=float, metavar="SECONDS",
                         help="start no run after this many seconds; the runs in flight finish (a lent "
                              "machine's limited time)")
+    parser.add_argument("--reproduce", nargs="+", metavar="RUN",
+                        help="train these finished runs (task/arm/trial-seed, as under results/runs/) again into "
+                             "their work folders, leave their summaries as they are, and compare the final metric")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    parser.add_argument("--work-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.max_runs is not None and args.max_runs < 1:
         parser.error(f"--max-runs must be at least 1, got {args.max_runs}")
@@ -572,8 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads or 1)
-        run_one(spec, Run(**json.loads(args.run_one)), args.device)
+        run_one(spec, Run(**json.loads(args.run_one)), args.device, summary=not args.work_only)
         return 0
+    if args.reproduce:
+        return reproduce(spec, args.spec, args.reproduce, args.threads or os.cpu_count() or 1, args.device)
     tasks = args.tasks or list(spec["tasks"])
     arms = args.arms or list(spec["arms"])
     for name, known in (("--tasks", spec["tasks"]), ("--arms", spec["arms"])):

@@ -72,6 +72,26 @@ def test_tunes_then_runs_seeds_then_skips_what_is_done(study, model_dir, mrpc_di
     assert abs(cos["diagonal_mean"][0] - 1) < 1e-6 and len(cos["diagonal_mean"]) >= 2
     assert (tmp_path / "results" / "mrpc_cosine_aroma-no-reset.png").stat().st_size > 0
     assert "Appendix E (Fig. 4) analogue" in report
+    assert cos["seed"] == 0
+    # --reproduce trains a finished run again into its work folder and leaves its summary alone; with
+    # seed 0's adapter gone, Fig. 4 is drawn from the first seed whose two adapters are on disk.
+    import shutil
+
+    (aroma_s0,) = [r for r in runs if r.startswith("mrpc/aroma/") and r.endswith("-s0")]
+    shutil.rmtree(tmp_path / "work" / aroma_s0)
+    summary = {f.name: f.read_bytes() for f in (tmp_path / "results" / "runs" / aroma_s0).iterdir()}
+    with pytest.raises(ValueError, match=r"--reproduce mrpc/aroma/nope-s0: no finished run there"):
+        study.main([str(path), "--reproduce", aroma_s0, "mrpc/aroma/nope-s0"])
+    assert not (tmp_path / "work" / aroma_s0).exists()  # refused before any compute
+    (tmp_path / "results" / "mrpc_cosine_aroma-no-reset.json").unlink()
+    study.main([str(path), "--report"])
+    assert json.loads((tmp_path / "results" / "mrpc_cosine_aroma-no-reset.json").read_text())["seed"] == 1
+    assert study.main([str(path), "--reproduce", aroma_s0, "--threads", "1"]) == 0  # the same final metric
+    assert {f.name: f.read_bytes() for f in (tmp_path / "results" / "runs" / aroma_s0).iterdir()} == summary
+    again = json.loads((tmp_path / "work" / aroma_s0 / "final_metrics.json").read_text())
+    assert again["metrics"] == finals[aroma_s0]["metrics"]
+    study.main([str(path), "--report"])
+    assert json.loads((tmp_path / "results" / "mrpc_cosine_aroma-no-reset.json").read_text()) == cos
 
 
 def test_a_bad_spec_names_the_field(study, tmp_path):
