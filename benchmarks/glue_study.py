@@ -405,7 +405,12 @@ def write_report(spec: dict) -> Path:
                 diag = " / ".join(f"{c:.2f}" for c in cos["diagonal_mean"])
                 lines += [f"Appendix E (Fig. 4) analogue, {source} vs {arm} (seed {cos['seed']}): cosine similarity "
                           f"of the k-th components of the same module, mean over the {cos['modules']} modules that "
-                          f"have a k-th component in both runs, k = 1, 2, ...: {diag}.", "",
+                          f"have a k-th component in both runs, k = 1, 2, ...: {diag}."
+                          + ("" if "diagonal_a" not in cos else
+                             " A rank-one component's cosine is the product of its factors' cosines: the input factors "
+                             "`a` (the k-th starts from the same draw in both runs) "
+                             + " / ".join(f"{c:.2f}" for c in cos["diagonal_a"]) + "; the output factors `b` (from 0) "
+                             + " / ".join(f"{c:.2f}" for c in cos["diagonal_b"]) + "."), "",
                           f"![cosine similarity of components]({task}_cosine_{arm}.png)", ""]
         lines += loss_vs_dev(rows, task, results)
     path = results / "results.md"
@@ -468,6 +473,8 @@ def reset_ablations(spec: dict) -> list[tuple[str, str]]:
 
 def reset_cosines(spec: dict, rows: list[dict], task: str, source: str, arm: str) -> dict | None:
     """Fig. 4: cosines between the components of two runs with the same seed (cached in results/)."""
+    import torch.nn.functional as F
+
     from aroma_peft.analysis import component_cosines
 
     results = ROOT / spec["results"]
@@ -483,21 +490,27 @@ def reset_cosines(spec: dict, rows: list[dict], task: str, source: str, arm: str
         from aroma_peft.io import read_adapter
 
         t1, t2 = (read_adapter(d)[2] for d in dirs)  # format 1 or 2, keyed "{module}.merged_A"
-        per_module = {}
+        per_module, factors = {}, {"a": {}, "b": {}}  # factors: cos of the k-th a's (b's) of the two runs
         for key in t1:
             if key.endswith(".merged_A"):
                 name = key[: -len(".merged_A")]
-                c = component_cosines(t1[key], t1[name + ".merged_B"], t2[key], t2[name + ".merged_B"])
+                a1, b1, a2, b2 = t1[key], t1[name + ".merged_B"], t2[key], t2[name + ".merged_B"]
+                c = component_cosines(a1, b1, a2, b2)
                 if c.numel():
                     per_module[name] = c.tolist()
+                    k = min(a1.shape[0], a2.shape[0])
+                    factors["a"][name] = F.cosine_similarity(a1[:k].double(), a2[:k].double(), dim=1).tolist()
+                    factors["b"][name] = F.cosine_similarity(b1[:, :k].double(), b2[:, :k].double(), dim=0).tolist()
         depth = max((min(len(c), len(c[0])) for c in per_module.values()), default=0)
-        diagonal = []
+        diagonal, diagonal_a, diagonal_b = [], [], []
         for k in range(depth):
-            values = [c[k][k] for c in per_module.values() if min(len(c), len(c[0])) > k]
-            diagonal.append(statistics.mean(values))
+            names = [n for n, c in per_module.items() if min(len(c), len(c[0])) > k]
+            diagonal.append(statistics.mean(per_module[n][k][k] for n in names))
+            diagonal_a.append(statistics.mean(factors["a"][n][k] for n in names))
+            diagonal_b.append(statistics.mean(factors["b"][n][k] for n in names))
         shown = max(per_module, key=lambda n: min(len(per_module[n]), len(per_module[n][0])))
-        data = {"seed": r["seed"], "modules": len(per_module), "diagonal_mean": diagonal, "shown_module": shown,
-                "shown": per_module[shown], "per_module": per_module}
+        data = {"seed": r["seed"], "modules": len(per_module), "diagonal_mean": diagonal, "diagonal_a": diagonal_a,
+                "diagonal_b": diagonal_b, "shown_module": shown, "shown": per_module[shown], "per_module": per_module}
         cache.write_text(json.dumps(data))
         import matplotlib
 

@@ -73,6 +73,29 @@ def test_tunes_then_runs_seeds_then_skips_what_is_done(study, model_dir, mrpc_di
     assert (tmp_path / "results" / "mrpc_cosine_aroma-no-reset.png").stat().st_size > 0
     assert "Appendix E (Fig. 4) analogue" in report
     assert cos["seed"] == 0
+    # Its factors, recomputed here with numpy from the two adapters: the mean over modules of the
+    # k-th a's (b's) cosine, and the component cosine as the product of the two, module by module.
+    import numpy as np
+    from aroma_peft.io import read_adapter
+
+    adapters = [read_adapter(tmp_path / "work" / r / "adapter")[2] for r in sorted(runs)
+                if r.startswith(("mrpc/aroma/", "mrpc/aroma-no-reset/")) and r.endswith("-s0")]
+    unit = lambda x, axis: x / np.linalg.norm(x, axis=axis, keepdims=True)  # noqa: E731
+    for k in range(len(cos["diagonal_mean"])):
+        ca, cb = [], []
+        for key in adapters[0]:
+            if key.endswith(".merged_A"):
+                name = key[: -len(".merged_A")]
+                a1, a2 = (np.asarray(t[key], dtype=np.float64) for t in adapters)
+                b1, b2 = (np.asarray(t[name + ".merged_B"], dtype=np.float64) for t in adapters)
+                if min(len(a1), len(a2)) > k:
+                    ca.append(float(unit(a1, 1)[k] @ unit(a2, 1)[k]))
+                    cb.append(float(unit(b1, 0)[:, k] @ unit(b2, 0)[:, k]))
+        assert cos["diagonal_a"][k] == pytest.approx(np.mean(ca), abs=1e-9)
+        assert cos["diagonal_b"][k] == pytest.approx(np.mean(cb), abs=1e-9)
+        assert cos["diagonal_mean"][k] == pytest.approx(np.mean(np.multiply(ca, cb)), abs=1e-9)
+    assert cos["diagonal_a"][0] == pytest.approx(1) and cos["diagonal_b"][0] == pytest.approx(1)
+    assert "the output factors `b` (from 0)" in report
     # --reproduce trains a finished run again into its work folder and leaves its summary alone; with
     # seed 0's adapter gone, Fig. 4 is drawn from the first seed whose two adapters are on disk.
     import shutil
@@ -113,7 +136,6 @@ def test_a_task_tuned_on_another_runs_only_the_seeds_of_that_tasks_choice(study,
                      "no-reset": {"from": "lora", "options": {"reset": "none"}}}}
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
-    spec = study.load_spec(path)
     keys = lambda runs: sorted(r.key for r in runs)  # noqa: E731
     assert all(r.task == "mrpc" for r in study.runnable(spec, ["mrpc", "rte"], ["lora", "no-reset"]))  # rte waits
     for lr, acc in ((1e-4, 0.6), (5e-3, 0.7)):  # mrpc's tuning finishes: lr 5e-3 wins
