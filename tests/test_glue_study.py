@@ -136,6 +136,7 @@ def test_a_task_tuned_on_another_runs_only_the_seeds_of_that_tasks_choice(study,
                      "no-reset": {"from": "lora", "options": {"reset": "none"}}}}
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
+    spec = study.load_spec(path)
     keys = lambda runs: sorted(r.key for r in runs)  # noqa: E731
     assert all(r.task == "mrpc" for r in study.runnable(spec, ["mrpc", "rte"], ["lora", "no-reset"]))  # rte waits
     for lr, acc in ((1e-4, 0.6), (5e-3, 0.7)):  # mrpc's tuning finishes: lr 5e-3 wins
