@@ -198,9 +198,11 @@ def run_one(spec: dict, run: Run, device: str = "cpu", summary: bool = True) -> 
     opts = dict(run.options)
     method_values = {k: opts.pop(k) for k in list(opts) if k in method_fields}
     out = work_dir(spec, run)
-    resume = run.method in ("aroma", "relora") and (out / "checkpoint").is_dir()
+    # A run cut short resumes from its checkpoint; a reproduction (summary=False) always trains from
+    # step 0, since a finished run's folder keeps its last checkpoint and would "resume" at the end.
+    resume = summary and run.method in ("aroma", "relora") and (out / "checkpoint").is_dir()
     if not resume and out.exists():
-        shutil.rmtree(out)  # a run cut short without a checkpoint starts again
+        shutil.rmtree(out)
     options = TrainOptions(task=run.task, model=model_path(spec["model"]), method=run.method,
                            data_dir=str((ROOT / spec["data_dir"] / run.task).resolve()), out=str(out),
                            seed=run.seed, progress=False, resume=resume, device=device,

@@ -1,8 +1,11 @@
 """benchmarks/glue_study.py: tuning then seeds, ablation arms, skipping what is done, the report."""
 
 import json
+import shutil
 
+import numpy as np
 import pytest
+from aroma_peft.io import read_adapter
 from conftest import load_benchmark
 from test_cli import model_dir, mrpc_dir  # noqa: F401  (fixtures: a tiny BERT with tokenizer, MRPC files)
 
@@ -75,9 +78,6 @@ def test_tunes_then_runs_seeds_then_skips_what_is_done(study, model_dir, mrpc_di
     assert cos["seed"] == 0
     # Its factors, recomputed here with numpy from the two adapters: the mean over modules of the
     # k-th a's (b's) cosine, and the component cosine as the product of the two, module by module.
-    import numpy as np
-    from aroma_peft.io import read_adapter
-
     adapters = [read_adapter(tmp_path / "work" / r / "adapter")[2] for r in sorted(runs)
                 if r.startswith(("mrpc/aroma/", "mrpc/aroma-no-reset/")) and r.endswith("-s0")]
     unit = lambda x, axis: x / np.linalg.norm(x, axis=axis, keepdims=True)  # noqa: E731
@@ -98,8 +98,6 @@ def test_tunes_then_runs_seeds_then_skips_what_is_done(study, model_dir, mrpc_di
     assert "the output factors `b` (from 0)" in report
     # --reproduce trains a finished run again into its work folder and leaves its summary alone; with
     # seed 0's adapter gone, Fig. 4 is drawn from the first seed whose two adapters are on disk.
-    import shutil
-
     (aroma_s0,) = [r for r in runs if r.startswith("mrpc/aroma/") and r.endswith("-s0")]
     shutil.rmtree(tmp_path / "work" / aroma_s0)
     summary = {f.name: f.read_bytes() for f in (tmp_path / "results" / "runs" / aroma_s0).iterdir()}
@@ -115,6 +113,12 @@ def test_tunes_then_runs_seeds_then_skips_what_is_done(study, model_dir, mrpc_di
     assert again["metrics"] == finals[aroma_s0]["metrics"]
     study.main([str(path), "--report"])
     assert json.loads((tmp_path / "results" / "mrpc_cosine_aroma-no-reset.json").read_text()) == cos
+    # With the finished run's folder (and its last checkpoint) still there, a reproduction trains again
+    # from step 0 rather than resuming at the end: the folder is made anew.
+    assert (tmp_path / "work" / aroma_s0 / "checkpoint").is_dir()
+    (tmp_path / "work" / aroma_s0 / "marker").write_text("from the last reproduction")
+    assert study.main([str(path), "--reproduce", aroma_s0, "--threads", "1"]) == 0
+    assert not (tmp_path / "work" / aroma_s0 / "marker").exists()
 
 
 def test_a_bad_spec_names_the_field(study, tmp_path):
