@@ -325,6 +325,14 @@ def _fmt_trial(trial: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(trial.items())) or "(as specified)"
 
 
+def shown_options(spec: dict, row: dict) -> dict:
+    """What sets a row's runs apart, with the values they ran with: the trial's keys and, for an arm
+    made ``from`` another, its own options' keys (which override the trial it takes, eps_out say)."""
+    arm = spec["arms"][row["arm"]]
+    keys = set(row["trial"]) | (set(arm.get("options", {})) if "from" in arm else set())
+    return {k: row["options"][k] for k in keys}
+
+
 def chosen_rows(spec: dict, rows: list[dict], task: str, arm: str) -> list[dict]:
     chosen = chosen_trial(spec, task, arm)
     if chosen is None:
@@ -362,7 +370,7 @@ def write_report(spec: dict) -> Path:
                        f"(seed {spec['tune_seed']}), with {task}'s budget")
         lines += [f"## {task.upper()}", "", budget + ".", ""]
         reference = chosen_rows(spec, rows, task, spec["reference"])
-        lines += ["| arm | chosen trial | final " + main + " | vs " + spec["reference"] + " (Welch p) | peak "
+        lines += ["| arm | chosen trial (with the arm's own options) | final " + main + " | vs " + spec["reference"] + " (Welch p) | peak "
                   "| final train loss | trainable (initial / mean / final) | total rank (per module min / median / "
                   "max) | eff. rank | steps | wall s |",
                   "|---|---|---|---|---|---:|---|---|---|---:|---:|"]
@@ -376,7 +384,7 @@ def write_report(spec: dict) -> Path:
             rank_cell = (f"{statistics.mean(r['total_rank'] for r in chosen):.0f} ({min(ranks)} / "
                          f"{statistics.median(ranks):g} / {max(ranks)})") if ranks else "-"
             lines.append(
-                f"| {arm} | {_fmt_trial(chosen[0]['trial'])} | {_mean_std([r['final'] for r in chosen])} "
+                f"| {arm} | {_fmt_trial(shown_options(spec, chosen[0]))} | {_mean_std([r['final'] for r in chosen])} "
                 f"| {against(chosen, reference) if arm != spec['reference'] else '-'} | {100 * statistics.mean(r['peak'] for r in chosen):.2f} | {_final_loss(chosen)} "
                 f"| {_count(statistics.mean(x['initial'] for x in tr))} / {_count(statistics.mean(x['mean'] for x in tr))}"
                 f" / {_count(statistics.mean(x['final'] for x in tr))} | {rank_cell} "
@@ -395,7 +403,7 @@ def write_report(spec: dict) -> Path:
                   "| arm | trial | final | peak (step) | final train loss | total rank | steps |",
                   "|---|---|---:|---|---:|---:|---:|"]
         for r in sorted((r for r in task_rows if r["seed"] == spec["tune_seed"]), key=lambda r: (r["arm"], r["trial_key"])):
-            lines.append(f"| {r['arm']} | {_fmt_trial(r['trial'])} | {100 * r['final']:.2f} "
+            lines.append(f"| {r['arm']} | {_fmt_trial(shown_options(spec, r))} | {100 * r['final']:.2f} "
                          f"| {100 * r['peak']:.2f} ({r['peak_step']}) | {_final_loss([r])} | {r['total_rank']} "
                          f"| {r['steps']} |")
         lines += ["", f"![dev {main} vs step]({task}_curves.png)", f"![trainable parameters]({task}_trainable.png)",

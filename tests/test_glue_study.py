@@ -59,6 +59,7 @@ def test_tunes_then_runs_seeds_then_skips_what_is_done(study, model_dir, mrpc_di
     report = (tmp_path / "results" / "results.md").read_text()
     for arm in ("lora", "aroma", "aroma-no-reset"):
         assert f"| {arm} |" in report
+    assert "| aroma-no-reset | reset=none |" in report  # an ablation's row names what it changes
     assert "(2 seeds)" in report and "Majority class" in report
     # The aroma row's final train loss: the mean over its two seeds of metrics.jsonl's last train_loss.
     last = [json.loads((tmp_path / "results" / "runs" / r / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]
@@ -159,6 +160,19 @@ def test_a_task_tuned_on_another_runs_only_the_seeds_of_that_tasks_choice(study,
         path.write_text(json.dumps(json.loads(path.read_text()) | {"tasks": tasks}))
         with pytest.raises(ValueError, match=r"tasks.(rte|mrpc).tune_on=.* must name another task"):
             study.load_spec(path)
+
+
+def test_an_arm_from_another_shows_the_options_it_ran_with(study):
+    """A ``from`` arm that overrides a key of the trial it takes shows its own value, not the trial's."""
+    spec = {"arms": {"aroma": {"method": "aroma", "grid": {"eps_out": [5e-3, 1e-2]}},
+                     "aroma-update": {"from": "aroma", "options": {"outer_criterion": "update", "eps_out": 0.15}}},
+            "tasks": {"mrpc": {"max_steps": 8}}, "common": {"max_inner_steps": "0.5*T"}}
+    run = study.make_run(spec, "mrpc", "aroma-update", {"eps_out": 5e-3}, 0)
+    row = {"arm": run.arm, "trial": run.trial, "options": run.options}
+    assert run.options["eps_out"] == 0.15  # what the run trains with
+    assert study.shown_options(spec, row) == {"eps_out": 0.15, "outer_criterion": "update"}
+    base = study.make_run(spec, "mrpc", "aroma", {"eps_out": 5e-3}, 0)
+    assert study.shown_options(spec, {"arm": "aroma", "trial": base.trial, "options": base.options}) == {"eps_out": 5e-3}
 
 
 def test_fractions_of_T_become_step_counts(study):
