@@ -43,8 +43,11 @@ from aroma_peft.model import AromaModel  # noqa: E402
 CAP = 64  # gains held per module; a module that merges more components is an error
 
 
-def patch(gain_lr_ratio: float) -> None:
+def patch(gain_lr_ratio: float):
+    """Patch the classes in this process; returns the function that undoes it."""
     init, forward = AromaLinear.__init__, AromaLinear.forward
+    originals = (init, forward, AromaModel.adapter_parameters, AromaModel.get_nb_trainable_parameters,
+                 train.optimizer_groups, methods._prepare_aroma)
 
     def patched_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
@@ -97,6 +100,12 @@ def patch(gain_lr_ratio: float) -> None:
         return run
 
     methods._prepare_aroma = prepare_and_keep
+
+    def restore() -> None:
+        (AromaLinear.__init__, AromaLinear.forward, AromaModel.adapter_parameters,
+         AromaModel.get_nb_trainable_parameters, train.optimizer_groups, methods._prepare_aroma) = originals
+
+    return restore
 
 
 def main() -> int:
