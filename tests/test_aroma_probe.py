@@ -1,19 +1,19 @@
-"""benchmarks/merged_gain_probe.py: the layer with a gain per merged component, against numpy."""
+"""benchmarks/aroma_probe.py: the gains probe's layer with a gain per merged component, against numpy."""
 
 import numpy as np
 import pytest
 import torch
 from conftest import load_benchmark, tiny_bert
 
-from aroma_peft import AromaConfig, get_aroma_model
+from aroma_peft import AromaConfig, AromaController, get_aroma_model
 from aroma_peft.layer import AromaLinear
 from aroma_peft.methods import MethodRun
 
 
 @pytest.fixture
 def probe():
-    module = load_benchmark("merged_gain_probe")
-    restore = module.patch(gain_lr_ratio=3.0)
+    module = load_benchmark("aroma_probe")
+    restore = module.patch_gains(gain_lr_ratio=3.0)
     yield module
     restore()
 
@@ -70,9 +70,70 @@ def test_gains_are_trained_in_their_own_group(probe):
 
 
 def test_restore_undoes_the_patch():
-    module = load_benchmark("merged_gain_probe")
+    module = load_benchmark("aroma_probe")
     forward = AromaLinear.forward
-    module.patch(1.0)()
+    module.patch_gains(1.0)()
     assert AromaLinear.forward is forward
     assert not hasattr(get_aroma_model(tiny_bert(), AromaConfig(target_modules=["query"], max_steps=200))
                        .aroma_layers.values().__iter__().__next__(), "merged_gain")
+
+
+def _head_first_run(steps: int, total: int):
+    module = load_benchmark("aroma_probe")
+    restore = module.patch_head_first(steps)
+    try:
+        config = AromaConfig(target_modules=["query", "value"], modules_to_save=["classifier"], r=1, alpha=4.0,
+                             eps_in=0.1, check_interval=5, max_inner_steps=50, max_steps=200, warmup_steps=2)
+        model = get_aroma_model(tiny_bert(), config)
+        model.train()
+        optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2, weight_decay=0.0)
+        controller = AromaController(model, optimizer)
+        g = torch.Generator().manual_seed(1)
+        layers = list(model.aroma_layers.values())
+        head = model.base_model.get_submodule("classifier").weight
+        history = []
+        for _ in range(total):
+            before = [(layer.lora_A.detach().clone(), layer.lora_B.detach().clone()) for layer in layers]
+            head_before = head.detach().clone()
+            batch = {"input_ids": torch.randint(0, 64, (8, 12), generator=g), "labels": torch.randint(0, 2, (8,), generator=g)}
+            model(**batch).loss.backward()
+            grads = [layer.lora_B.grad for layer in layers]
+            optimizer.step()
+            controller.scheduler.step()
+            optimizer.zero_grad()
+            controller.step()
+            history.append((before, [(layer.lora_A.detach().clone(), layer.lora_B.detach().clone()) for layer in layers],
+                            grads, optimizer.param_groups[0]["lr"], not torch.equal(head_before, head.detach())))
+        return history
+    finally:
+        restore()
+
+
+def test_head_first_trains_the_head_alone_then_the_factors_as_a_fresh_adam_step():
+    from aroma_peft import AromaController  # noqa: F401 (the patch wraps the class the library exports)
+
+    history = _head_first_run(steps=4, total=6)
+    for before, after, grads, _, head_moved in history[:4]:  # steps 1-4: the head alone
+        assert head_moved
+        assert all(g is None for g in grads)
+        assert all(torch.equal(a0, a1) and torch.equal(b0, b1) for (a0, b0), (a1, b1) in zip(before, after))
+        assert all(torch.count_nonzero(b1) == 0 for _, b1 in after)
+    before, after, grads, _, _ = history[4]  # step 5: the factors' first step, on a fresh Adam state
+    for (a0, b0), (a1, b1), grad in zip(before, after, grads):
+        assert torch.equal(a0, a1)  # b was 0, so a's gradient was exactly 0 and Adam leaves it
+        lr = history[3][3]  # the rate this step used: set by the scheduler step after step 4
+        assert grad is not None and lr > 0
+        # A fresh Adam step moves each entry by lr * g / (|g| + eps): lr wherever |g| >> eps.
+        expected = lr * grad / (grad.abs() + 1e-8)
+        torch.testing.assert_close(b1 - b0, -expected, rtol=1e-5, atol=1e-9)
+
+
+def test_head_first_refuses_steps_beyond_the_first_inner_loop():
+    module = load_benchmark("aroma_probe")
+    restore = module.patch_head_first(50)
+    try:
+        model = get_aroma_model(tiny_bert(), AromaConfig(target_modules=["query"], max_inner_steps=50, max_steps=200))
+        with pytest.raises(ValueError, match="T_in = 50"):
+            AromaController(model)
+    finally:
+        restore()
