@@ -25,6 +25,9 @@ head alone for the first ``--steps`` steps (the live factors get no gradient; th
 schedule and the dual loop are unchanged, and the first inner loop, ``T_in`` long, starts counting at
 step 0), then AROMA as usual: "linear probing, then fine-tuning" (Kumar et al., 2022) inside one
 budget. ``--steps`` must be below ``T_in``, so that no inner loop ends while the factors are frozen.
+On a LoRA run (``--run cola/lora-r1/t06d1b49f``) the LoRA factors are frozen the same way, for the
+same comparison. The reported trainable parameters are not those of the head-alone steps (AROMA's count
+the factors throughout, LoRA's only the head, its count at step 0).
 """
 
 from __future__ import annotations
@@ -139,10 +142,29 @@ def patch_head_first(steps: int):
                     layer.lora_B.requires_grad_(True)
         return finished
 
+    prepare_peft = methods._prepare_peft
+
+    def patched_prepare_peft(*args, **kwargs):  # LoRA: its factors frozen, thawed by after_step at `steps`
+        run = prepare_peft(*args, **kwargs)  # the optimizer still gets every factor: they are in run.parameters
+        if run.after_step is not None:
+            raise ValueError(f"head-first: method {run.method!r} has a step hook of its own; the probe covers LoRA")
+        factors = [p for name, p in run.model.named_parameters() if "lora_" in name and p.requires_grad]
+        for p in factors:
+            p.requires_grad_(False)
+
+        def thaw(step: int) -> None:
+            if step == steps:
+                for p in factors:
+                    p.requires_grad_(True)
+
+        return dataclasses.replace(run, after_step=thaw)
+
     AromaController.__init__, AromaController.step = patched_init, patched_step
+    methods._prepare_peft = patched_prepare_peft
 
     def restore() -> None:
         AromaController.__init__, AromaController.step = init, step
+        methods._prepare_peft = prepare_peft
 
     return restore
 

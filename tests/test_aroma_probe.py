@@ -137,3 +137,23 @@ def test_head_first_refuses_steps_beyond_the_first_inner_loop():
             AromaController(model)
     finally:
         restore()
+
+
+def test_head_first_freezes_lora_factors_until_the_step_then_thaws_them():
+    from aroma_peft.methods import MethodOptions, prepare
+
+    module = load_benchmark("aroma_probe")
+    restore = module.patch_head_first(3)
+    try:
+        run = prepare("lora", tiny_bert(), MethodOptions(r=1, target_modules=["query"], modules_to_save=["classifier"]),
+                      max_steps=20, warmup_steps=2)
+    finally:
+        restore()
+    factors = [p for name, p in run.model.named_parameters() if "lora_" in name]
+    in_optimizer = {id(p) for p in run.parameters}
+    assert factors and all(id(p) in in_optimizer and not p.requires_grad for p in factors)
+    assert any(p.requires_grad for name, p in run.model.named_parameters() if "classifier" in name)
+    run.after_step(2)
+    assert not any(p.requires_grad for p in factors)
+    run.after_step(3)
+    assert all(p.requires_grad for p in factors)
