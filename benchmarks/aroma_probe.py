@@ -76,11 +76,10 @@ def patch_gains(gain_lr_ratio: float):
             out = out + (self.scaling * extra).to(out.dtype)
         return out
 
+    adapter = AromaModel.adapter_parameters
+
     def adapter_parameters(self):
-        params = [p for layer in self.aroma_layers.values() for p in (layer.lora_A, layer.lora_B, layer.merged_gain)]
-        for name in self.modules_to_save_names:
-            params.extend(self.base_model.get_submodule(name).parameters())
-        return params
+        return adapter(self) + [layer.merged_gain for layer in self.aroma_layers.values()]
 
     count = AromaModel.get_nb_trainable_parameters
 
