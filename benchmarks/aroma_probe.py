@@ -83,10 +83,10 @@ def patch_gains(gain_lr_ratio: float):
 
     count = AromaModel.get_nb_trainable_parameters
 
-    def trainable(self):
+    def trainable(self):  # the gains of components not merged yet do not count
         n, total = count(self)
-        layers = self.aroma_layers.values()
-        return n - sum(CAP - layer.rank for layer in layers), total - sum(CAP - layer.rank for layer in layers)
+        unused = sum(CAP - layer.rank for layer in self.aroma_layers.values())
+        return n - unused, total - unused
 
     groups = train.optimizer_groups
 

@@ -1,4 +1,5 @@
-"""benchmarks/aroma_probe.py: the gains probe's layer with a gain per merged component, against numpy."""
+"""benchmarks/aroma_probe.py: the gains probe's layer against numpy, its optimizer group and count; the
+head-first probe's frozen factors and their first step, against a fresh Adam step."""
 
 import numpy as np
 import pytest
@@ -74,8 +75,8 @@ def test_restore_undoes_the_patch():
     forward = AromaLinear.forward
     module.patch_gains(1.0)()
     assert AromaLinear.forward is forward
-    assert not hasattr(get_aroma_model(tiny_bert(), AromaConfig(target_modules=["query"], max_steps=200))
-                       .aroma_layers.values().__iter__().__next__(), "merged_gain")
+    model = get_aroma_model(tiny_bert(), AromaConfig(target_modules=["query"], max_steps=200))
+    assert not hasattr(next(iter(model.aroma_layers.values())), "merged_gain")
 
 
 def _head_first_run(steps: int, total: int):
@@ -110,8 +111,6 @@ def _head_first_run(steps: int, total: int):
 
 
 def test_head_first_trains_the_head_alone_then_the_factors_as_a_fresh_adam_step():
-    from aroma_peft import AromaController  # noqa: F401 (the patch wraps the class the library exports)
-
     history = _head_first_run(steps=4, total=6)
     for before, after, grads, _, head_moved in history[:4]:  # steps 1-4: the head alone
         assert head_moved
