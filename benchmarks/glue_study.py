@@ -605,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", type=Path)
     parser.add_argument("--tasks", nargs="+", help="only these tasks (default: all of the spec)")
     parser.add_argument("--arms", nargs="+", help="only these arms (default: all of the spec)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="only runs of these seeds (default: every seed); "
+                        "two processes may share an arm by taking different seeds")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs that would start now")
@@ -642,14 +644,22 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [x for x in (tasks if name == "--tasks" else arms) if x not in known]
         if unknown:
             parser.error(f"{name}: {unknown} not in the spec (it has {', '.join(known)})")
+    known_seeds = sorted({*spec["seeds"], spec["tune_seed"]})
+    unknown = [s for s in args.seeds or [] if s not in known_seeds]
+    if unknown:
+        parser.error(f"--seeds: {unknown} not in the spec (its seeds are {', '.join(map(str, known_seeds))})")
     for arm in arms:  # an ablation needs its source arm's tuning
         if "from" in spec["arms"][arm] and spec["arms"][arm]["from"] not in arms:
             arms.append(spec["arms"][arm]["from"])
     if args.report:
         print(write_report(spec))
         return 0
+
+    def todo() -> list[Run]:
+        return [r for r in runnable(spec, tasks, arms) if args.seeds is None or r.seed in args.seeds]
+
     if args.dry_run:
-        for run in runnable(spec, tasks, arms):
+        for run in todo():
             print(run.key, json.dumps(run.options, sort_keys=True))
         return 0
     if args.device == "cuda":
@@ -666,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         running = {}
         while True:
             busy = {r.key for r in running.values()}
-            for run in runnable(spec, tasks, arms):
+            for run in todo():
                 if len(running) >= args.jobs or (args.max_runs is not None and started >= args.max_runs) \
                         or (deadline is not None and time.monotonic() >= deadline):
                     break

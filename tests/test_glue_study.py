@@ -266,3 +266,25 @@ def test_loss_vs_dev_ranks_the_runs_above_the_floor_only(study, tmp_path):
     assert "10 runs)" in text  # the two floor runs are not counted
     assert (tmp_path / "cola_loss_vs_dev.png").is_file()
     assert study.loss_vs_dev(aroma[:4], "cola", tmp_path) == []  # too few runs to rank
+
+
+def test_seeds_leaves_the_other_seeds_to_another_process(study, tmp_path, capsys):
+    spec = {"model": "m", "data_dir": "d", "results": str(tmp_path / "results"), "work": str(tmp_path / "work"),
+            "seeds": [0, 1, 2], "tasks": {"mrpc": {"max_steps": 10}},
+            "arms": {"lora": {"method": "lora", "grid": {"lr": [1e-4]}}}}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    listed = lambda: [line.split()[0] for line in capsys.readouterr().out.splitlines()]  # noqa: E731
+    assert study.main([str(path), "--seeds", "1", "2", "--dry-run"]) == 0
+    assert listed() == []  # the tuning run (seed 0) is the other process's; until it ends nothing is chosen
+    run = study.make_run(study.load_spec(path), "mrpc", "lora", {"lr": 1e-4}, 0)
+    study.summary_dir(study.load_spec(path), run).mkdir(parents=True)
+    (study.summary_dir(study.load_spec(path), run) / "final_metrics.json").write_text(
+        json.dumps({"main_metric": "accuracy", "metrics": {"accuracy": 0.6}}))
+    assert study.main([str(path), "--seeds", "2", "1", "--dry-run"]) == 0
+    assert [k[-3:] for k in listed()] == ["-s1", "-s2"]
+    assert study.main([str(path), "--dry-run"]) == 0
+    assert [k[-3:] for k in listed()] == ["-s1", "-s2"]  # seed 0 is done
+    with pytest.raises(SystemExit):
+        study.main([str(path), "--seeds", "3"])
+    assert "--seeds: [3] not in the spec (its seeds are 0, 1, 2)" in capsys.readouterr().err
