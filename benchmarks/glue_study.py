@@ -346,6 +346,10 @@ def write_report(spec: dict) -> Path:
     results = ROOT / spec["results"]
     results.mkdir(parents=True, exist_ok=True)
     rows = load_results(spec)
+    unknown = sorted({r["arm"] for r in rows} - set(spec["arms"]))
+    if unknown:
+        raise ValueError(f"{results / 'runs'} holds runs of arm(s) {', '.join(unknown)} that the spec "
+                         f"{spec.get('spec_path', '')} does not name: put them back in its arms, or move their runs away")
     (results / "results.json").write_text(json.dumps({"spec": spec, "runs": rows}, indent=1))
     lines = [f"# Study: {spec.get('name', 'GLUE')}", "",
              f"Model `{spec['model']}`; {len(rows)} finished runs. Written by `python benchmarks/glue_study.py "
@@ -600,6 +604,13 @@ def plot_task(spec: dict, rows: list[dict], task: str, results: Path) -> None:
 
 
 # ---------------------------------------------------------------------- command line
+def reloaded(path: Path) -> dict:
+    """The spec read from ``path`` now, with the path it came from."""
+    spec = load_spec(path)
+    spec["spec_path"] = str(path)
+    return spec
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", type=Path)
@@ -628,8 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-runs must be at least 1, got {args.max_runs}")
     if args.stop_starting_after is not None and not args.stop_starting_after >= 0:
         parser.error(f"--stop-starting-after must be a number of seconds >= 0, got {args.stop_starting_after}")
-    spec = load_spec(args.spec)
-    spec["spec_path"] = str(args.spec)
+    spec = reloaded(args.spec)
     if args.run_one:
         import torch
 
@@ -697,8 +707,8 @@ def main(argv: list[str] | None = None) -> int:
                     final = final_of(spec, run)
                     print(f"done {run.key}: {final['main_metric']} {100 * final['metrics'][final['main_metric']]:.2f}",
                           flush=True)
-                write_report(spec)
-    print(write_report(spec))
+                write_report(reloaded(args.spec))  # the spec as it now stands: arms may be added during a study
+    print(write_report(reloaded(args.spec)))
     return 1 if failed else 0
 
 

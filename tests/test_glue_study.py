@@ -288,3 +288,23 @@ def test_seeds_leaves_the_other_seeds_to_another_process(study, tmp_path, capsys
     with pytest.raises(SystemExit):
         study.main([str(path), "--seeds", "3"])
     assert "--seeds: [3] not in the spec (its seeds are 0, 1, 2)" in capsys.readouterr().err
+
+
+def test_the_report_names_an_arm_the_spec_no_longer_has(study, tmp_path):
+    """Runs of an arm that is not in the spec stop the report with the arm's name, not a KeyError."""
+    import shutil
+
+    committed = study.ROOT / "benchmarks" / "results" / "glue_study" / "runs" / "cola" / "aroma-longer-loops" / "tac1776de-s0"
+    run_dir = tmp_path / "results" / "runs" / "cola" / "gone" / "tac1776de-s0"
+    shutil.copytree(committed, run_dir)
+    run = json.loads((run_dir / "study_run.json").read_text())
+    (run_dir / "study_run.json").write_text(json.dumps(run | {"arm": "gone"}))
+    spec = {"model": "m", "data_dir": "d", "results": str(tmp_path / "results"), "work": str(tmp_path / "work"),
+            "seeds": [0], "tasks": {"cola": {"max_steps": 2400}}, "arms": {"lora": {"method": "lora"}}}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"holds runs of arm\(s\) gone that the spec .*spec.json does not name"):
+        study.write_report(study.reloaded(path))
+    spec["arms"]["gone"] = {"from": "lora"}  # the arm back in the spec: the report is written
+    path.write_text(json.dumps(spec))
+    assert study.write_report(study.reloaded(path)).read_text().count("| gone |") >= 1
