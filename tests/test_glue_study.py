@@ -277,10 +277,10 @@ def test_seeds_leaves_the_other_seeds_to_another_process(study, tmp_path, capsys
     listed = lambda: [line.split()[0] for line in capsys.readouterr().out.splitlines()]  # noqa: E731
     assert study.main([str(path), "--seeds", "1", "2", "--dry-run"]) == 0
     assert listed() == []  # the tuning run (seed 0) is the other process's; until it ends nothing is chosen
-    run = study.make_run(study.load_spec(path), "mrpc", "lora", {"lr": 1e-4}, 0)
-    study.summary_dir(study.load_spec(path), run).mkdir(parents=True)
-    (study.summary_dir(study.load_spec(path), run) / "final_metrics.json").write_text(
-        json.dumps({"main_metric": "accuracy", "metrics": {"accuracy": 0.6}}))
+    loaded = study.load_spec(path)
+    done = study.summary_dir(loaded, study.make_run(loaded, "mrpc", "lora", {"lr": 1e-4}, 0))
+    done.mkdir(parents=True)
+    (done / "final_metrics.json").write_text(json.dumps({"main_metric": "accuracy", "metrics": {"accuracy": 0.6}}))
     assert study.main([str(path), "--seeds", "2", "1", "--dry-run"]) == 0
     assert [k[-3:] for k in listed()] == ["-s1", "-s2"]
     assert study.main([str(path), "--dry-run"]) == 0
