@@ -273,6 +273,7 @@ def load_results(spec: dict) -> list[dict]:
         ranks = [m for m in json.loads((d / "ranks.json").read_text())["modules"]]
         module_ranks = [m["rank"] for m in ranks]
         total_rank = sum(module_ranks)
+        rank_history = json.loads((d / "rank_history.json").read_text())
         rows.append({
             "task": run["task"], "arm": run["arm"], "method": run["method"], "trial": run["trial"],
             "trial_key": trial_key(run["trial"]), "seed": run["seed"], "options": run["options"],
@@ -284,7 +285,8 @@ def load_results(spec: dict) -> list[dict]:
             "module_ranks": module_ranks,
             "effective_rank_ratio": (sum(m["effective_rank"] for m in ranks) / total_rank) if total_rank else None,
             "steps": final["steps"], "wall_time_s": final["wall_time_s"],
-            "history": json.loads((d / "rank_history.json").read_text())["history"],
+            "history": rank_history["history"],
+            "inner_loops": [c["inner_steps"] for c in rank_history.get("outer_checks", [])],
         })
     return rows
 
@@ -427,6 +429,7 @@ def write_report(spec: dict) -> Path:
                              + " / ".join(f"{c:.2f}" for c in cos["diagonal_b"]) + "."), "",
                           f"![cosine similarity of components]({task}_cosine_{arm}.png)", ""]
         lines += loss_vs_dev(rows, task, results)
+        lines += inner_loops_vs_dev(rows, task, t["max_steps"])
     path = results / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -473,6 +476,28 @@ def loss_vs_dev(rows: list[dict], task: str, results: Path) -> list[str]:
             f"finished run (all trials and seeds) more than 1 point above the floor: Spearman {rho([True] * len(runs))}; "
             f"AROMA's arms alone {rho(is_aroma)}; the other methods {rho([not a for a in is_aroma])}.", "",
             f"![dev metric against training loss]({task}_loss_vs_dev.png)", ""]
+
+
+def inner_loops_vs_dev(rows: list[dict], task: str, max_steps: int) -> list[str]:
+    """Does AROMA's dev metric follow its inner loops? Spearman's rho of the final dev metric against the
+    first inner loop's length and against the number of inner loops, over the AROMA runs (every arm and
+    trial) of the task's own budget more than 1 point above the floor."""
+    from scipy.stats import spearmanr
+
+    runs = [r for r in rows if r["task"] == task and r["method"] == "aroma" and r["inner_loops"]
+            and r["options"].get("max_steps") == max_steps
+            and r["final"] > (r["majority"].get(r["main_metric"]) or 0.0) + 0.01]
+    if len(runs) < 5:
+        return []
+    dev = [r["final"] for r in runs]
+    first = spearmanr([r["inner_loops"][0] for r in runs], dev)
+    count = spearmanr([len(r["inner_loops"]) for r in runs], dev)
+    main = runs[0]["main_metric"]
+    return [f"Final dev {main} of AROMA's runs of {max_steps} steps (every arm and trial, {len(runs)} runs more than "
+            f"1 point above the floor) against the length of their first inner loop: Spearman rho = "
+            f"{first.statistic:.2f} (p = {first.pvalue:.1g}); against their number of inner loops: rho = "
+            f"{count.statistic:.2f} (p = {count.pvalue:.1g}). Each run's loop lengths: `outer_checks[].inner_steps` "
+            f"of its `rank_history.json`.", ""]
 
 
 def reset_ablations(spec: dict) -> list[tuple[str, str]]:

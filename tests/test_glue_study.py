@@ -308,3 +308,23 @@ def test_the_report_names_an_arm_the_spec_no_longer_has(study, tmp_path):
     spec["arms"]["gone"] = {"from": "lora"}  # the arm back in the spec: the report is written
     path.write_text(json.dumps(spec))
     assert study.write_report(study.reloaded(path)).read_text().count("| gone |") >= 1
+
+
+def test_inner_loops_vs_dev_ranks_aromas_runs_of_the_tasks_budget_only(study):
+    """Spearman's rho of AROMA's final dev metric against its first inner loop and its number of loops."""
+    def row(loops, final, method="aroma", max_steps=2400):
+        return {"task": "cola", "method": method, "main_metric": "mcc", "majority": {"mcc": 0.0}, "final": final,
+                "options": {"max_steps": max_steps}, "inner_loops": loops}
+
+    # dev rises exactly with the first loop (rho 1). The numbers of loops 14, 9, 12, 7, 6 against dev
+    # ranks 1..5: their ranks 5, 3, 4, 2, 1, by hand sum d^2 = 16 + 1 + 1 + 4 + 16 = 38,
+    # rho = 1 - 6*38/(5*24) = -0.90.
+    kept = [row([100 + 50 * i] + [100] * (n - 1), 0.20 + 0.01 * i) for i, n in enumerate([14, 9, 12, 7, 6])]
+    left_out = [row([900], 0.05, max_steps=9600),  # another budget
+                row([800, 100], 0.005),  # within a point of the floor
+                row([], 0.40, method="lora"), row([50], 0.50, method="lora")]  # not AROMA
+    text = "\n".join(study.inner_loops_vs_dev(kept + left_out, "cola", 2400))
+    assert "5 runs more than 1 point above the floor" in text
+    assert "first inner loop: Spearman rho = 1.00" in text
+    assert "number of inner loops: rho = -0.90" in text
+    assert study.inner_loops_vs_dev(kept[:4] + left_out, "cola", 2400) == []  # too few runs to rank
