@@ -435,14 +435,18 @@ def write_report(spec: dict) -> Path:
     return path
 
 
+def above_floor(row: dict) -> bool:
+    """More than one point above the majority class: a run at the floor learned nothing, and what it did
+    (its loss, its loops) says nothing about the score."""
+    return row["final"] > (row["majority"].get(row["main_metric"]) or 0.0) + 0.01
+
+
 def loss_vs_dev(rows: list[dict], task: str, results: Path) -> list[str]:
     """Does the dev metric follow the training loss? Spearman's rho over every finished run above the floor."""
     from scipy.stats import spearmanr
 
     main = next(r["main_metric"] for r in rows if r["task"] == task)
-    floor = next(r["majority"].get(main) for r in rows if r["task"] == task) or 0.0
-    # one point above the floor: a run at the majority class learned nothing, and its loss says nothing
-    runs = [r for r in rows if r["task"] == task and r["curve"][-1][2] is not None and r["final"] > floor + 0.01]
+    runs = [r for r in rows if r["task"] == task and r["curve"][-1][2] is not None and above_floor(r)]
     if len(runs) < 5:
         return []
     is_aroma = [r["method"] == "aroma" for r in runs]
@@ -485,8 +489,7 @@ def inner_loops_vs_dev(rows: list[dict], task: str, max_steps: int) -> list[str]
     from scipy.stats import spearmanr
 
     runs = [r for r in rows if r["task"] == task and r["method"] == "aroma" and r["inner_loops"]
-            and r["options"].get("max_steps") == max_steps
-            and r["final"] > (r["majority"].get(r["main_metric"]) or 0.0) + 0.01]
+            and r["options"].get("max_steps") == max_steps and above_floor(r)]
     if len(runs) < 5:
         return []
     dev = [r["final"] for r in runs]
