@@ -114,3 +114,37 @@ def test_the_demo_says_whether_aroma_reached_its_aim(tmp_path, aroma, lora, says
     text = verdict(_final(tmp_path / "aroma", aroma, 42242), _final(tmp_path / "lora", lora, 332546))
     assert says in text
     assert text.startswith(f"AROMA {100 * aroma:.2f} against LoRA r=8 {100 * lora:.2f}")
+
+
+def test_written_splits_read_back_as_the_demos_own(tmp_path):
+    """``aroma demo --write-splits``: the GLUE reader (what ``aroma train glue`` and the demo's study
+    use) gets back the examples the demo trains on, in the same order."""
+    from aroma_peft.cli import main
+    from aroma_peft.demo import DEMO
+    from aroma_peft.tasks.glue import find_split_files, read_split
+
+    assert main(["demo", "--write-splits", str(tmp_path / "privacy_qa")]) == 0
+    expected = privacy_qa_splits(privacy_qa_file(), DEMO["train_examples"], DEMO["eval_examples"])
+    files = find_split_files("privacy_qa", tmp_path)
+    for split in ("train", "dev"):
+        got = read_split("privacy_qa", files[split])
+        assert [(e.text_a, e.text_b, e.label) for e in got] == \
+               [(e.text_a, e.text_b, e.label) for e in expected[split]]
+
+
+def test_demo_study_spec_is_the_demos_settings():
+    """benchmarks/studies/minilm_demo.json reruns the demo over seeds: its AROMA and LoRA r=8 arms and
+    its common settings must be the demo's own (DEMO, DEMO_METHODS), or its table measures another demo."""
+    import dataclasses
+
+    from aroma_peft.demo import DEMO, DEMO_METHODS
+    from aroma_peft.methods import MethodOptions
+
+    spec = json.loads((Path(__file__).parent.parent / "benchmarks/studies/minilm_demo.json").read_text())
+    common = spec["common"]
+    assert spec["tasks"]["privacy_qa"]["max_steps"] == DEMO["max_steps"]
+    for key in ("max_seq_len", "batch_size", "warmup_steps", "lr", "eval_steps"):
+        assert common[key] == DEMO[key], key
+    for arm, method in (("aroma", "aroma"), ("lora-r8", "lora")):
+        assert spec["arms"][arm]["method"] == method
+        assert MethodOptions(**spec["arms"][arm]["options"]) == dataclasses.replace(DEMO_METHODS[method]), arm

@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="offline demo: AROMA vs LoRA r=8 on a real model and real data")
     demo.add_argument("--out", default="runs/demo", help="where to write the two runs and the comparison")
     demo.add_argument("--max-steps", type=int, default=None, help="shorten the demo (for a smoke test)")
+    demo.add_argument("--write-splits", metavar="DIR", default=None,
+                      help="only write the demo's train and dev splits to DIR as JSON lines (for the demo's study, "
+                           "benchmarks/studies/minilm_demo.json) and exit")
 
     report = sub.add_parser("report", help="figures and a markdown summary of one run")
     report.add_argument("run_dir")
@@ -341,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
                                                          "trainable_params", "total_rank", "steps", "wall_time_s")},
                                  indent=2))
         elif args.command == "demo":
-            from .demo import run_demo
+            from .demo import run_demo, write_splits
 
-            run_demo(Path(args.out), max_steps=args.max_steps)
+            if args.write_splits:
+                print(f"demo splits written to {write_splits(Path(args.write_splits))}")
+            else:
+                run_demo(Path(args.out), max_steps=args.max_steps)
         elif args.command == "report":
             from .report import write_report
 

@@ -101,6 +101,22 @@ def privacy_qa_splits(path: Path, n_train: int, n_eval: int, seed: int = 0) -> d
     return {"train": train, "dev": dev}
 
 
+def write_splits(out: Path) -> Path:
+    """Write the demo's train and dev splits to ``out/train.jsonl`` and ``out/dev.jsonl`` (question,
+    context, label): the folder ``aroma train glue --task privacy_qa --data-dir`` reads, and the one the
+    demo's own study (``benchmarks/studies/minilm_demo.json``) runs on. Returns ``out``."""
+    import json
+
+    splits = privacy_qa_splits(privacy_qa_file(), DEMO["train_examples"], DEMO["eval_examples"])
+    out.mkdir(parents=True, exist_ok=True)
+    for name, examples in splits.items():
+        tmp = out / f"{name}.jsonl.tmp"
+        tmp.write_text("".join(json.dumps({"question": e.text_a, "context": e.text_b, "label": e.label}) + "\n"
+                               for e in examples))
+        tmp.replace(out / f"{name}.jsonl")
+    return out
+
+
 def run_demo(out: Path, max_steps: int | None = None) -> str:
     """Train AROMA and LoRA r=8 on the same data and budget; print and write the comparison."""
     from .report import compare_runs
