@@ -133,18 +133,38 @@ def test_written_splits_read_back_as_the_demos_own(tmp_path):
 
 
 def test_demo_study_spec_is_the_demos_settings():
-    """benchmarks/studies/minilm_demo.json reruns the demo over seeds: its AROMA and LoRA r=8 arms and
-    its common settings must be the demo's own (DEMO, DEMO_METHODS), or its table measures another demo."""
-    import dataclasses
-
-    from aroma_peft.demo import DEMO, DEMO_METHODS
+    """benchmarks/studies/minilm_demo.json reruns the demo over seeds: its small-cpu arms and its common
+    settings must be what ``aroma demo`` runs, or its table measures another demo."""
+    from aroma_peft.demo import DEMO, demo_settings
     from aroma_peft.methods import MethodOptions
 
     spec = json.loads((Path(__file__).parent.parent / "benchmarks/studies/minilm_demo.json").read_text())
     common = spec["common"]
     assert spec["tasks"]["privacy_qa"]["max_steps"] == DEMO["max_steps"]
-    for key in ("max_seq_len", "batch_size", "warmup_steps", "lr", "eval_steps"):
+    for key in ("max_seq_len", "batch_size", "warmup_steps", "eval_steps"):
         assert common[key] == DEMO[key], key
-    for arm, method in (("aroma", "aroma"), ("lora-r8", "lora")):
+    for arm, method in (("aroma-small-cpu", "aroma"), ("lora-r8-small-cpu", "lora")):
         assert spec["arms"][arm]["method"] == method
-        assert MethodOptions(**spec["arms"][arm]["options"]) == dataclasses.replace(DEMO_METHODS[method]), arm
+        options = common | spec["arms"][arm]["options"]
+        lr, expected = demo_settings(method)
+        assert options.pop("lr") == lr, arm
+        for key in ("max_seq_len", "batch_size", "warmup_steps", "eval_steps"):
+            options.pop(key)
+        assert MethodOptions(**options) == expected, arm
+
+
+def test_demo_settings_are_the_small_cpu_presets_own():
+    """The demo takes the preset's learning rate and method options as they are (an independent reading
+    of presets.SMALL_CPU), and only its budget differs."""
+    from aroma_peft.demo import demo_settings
+    from aroma_peft.presets import SMALL_CPU
+
+    lr, aroma = demo_settings("aroma")
+    preset = SMALL_CPU["mrpc"]["aroma"]
+    assert lr == preset["lr"] == 1e-3
+    assert (aroma.r, aroma.alpha, aroma.eps_in, aroma.eps_out, aroma.max_inner_steps, aroma.check_interval,
+            aroma.restart_warmup_steps) == tuple(preset[k] for k in ("r", "alpha", "eps_in", "eps_out", "max_inner_steps",
+                                                                      "check_interval", "restart_warmup_steps"))
+    assert aroma.converged_component == "discard"  # the paper's reading: the preset leaves the default
+    lr, lora = demo_settings("lora")
+    assert (lr, lora.r, lora.alpha, lora.lr_decay, lora.min_lr_ratio) == (5e-4, 8, 16.0, "cosine", 0.1)
