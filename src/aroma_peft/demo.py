@@ -151,7 +151,8 @@ def run_demo(out: Path, max_steps: int | None = None) -> str:
     wall = time.perf_counter() - started
     text = (f"{table}\n{aroma_behaviour(out / 'aroma')}\n{verdict(out / 'aroma', out / 'lora')}\n\nPrivacy-Policy QA, {len(splits['dev'])} dev questions on "
             f"held-out passages, MiniLM-L6 encoder, {steps} steps of {DEMO['batch_size']}; total wall time {wall:.0f} s. "
-            "At this budget neither method has converged; docs/study.md compares them where they have.\n")
+            "One seed: over three seeds of this demo LoRA r=8's accuracy has a standard deviation of 2.6 points; "
+            "benchmarks/results/demo_study/results.md has them, and the demo at twice its steps (README.md).\n")
     (out / "results.md").write_text(text)
     print(text)
     print(f"runs, figures and reports: {out}/aroma, {out}/lora (report.md, figures/*.png)")
