@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import random
 import time
 from pathlib import Path
@@ -45,7 +46,8 @@ def demo_settings(method: str) -> tuple[float, MethodOptions]:
     fields = {f.name for f in dataclasses.fields(MethodOptions)}
     unknown = set(preset) - fields - set(_BUDGET) - {"lr"}
     if unknown:  # a preset field the demo would silently drop
-        raise ValueError(f"preset {DEMO_PRESET[0]} sets {', '.join(sorted(unknown))} for {method}, which the demo does not pass on")
+        raise ValueError(f"preset {DEMO_PRESET[0]} sets {', '.join(sorted(unknown))} for {method}, "
+                         "which the demo does not pass on")
     return preset["lr"], MethodOptions(**{k: v for k, v in preset.items() if k in fields})
 
 
@@ -118,8 +120,6 @@ def write_splits(out: Path) -> Path:
     """Write the demo's train and dev splits to ``out/train.jsonl`` and ``out/dev.jsonl`` (question,
     context, label): the folder ``aroma train glue --task privacy_qa --data-dir`` reads, and the one the
     demo's own study (``benchmarks/studies/minilm_demo.json``) runs on. Returns ``out``."""
-    import json
-
     splits = privacy_qa_splits(privacy_qa_file(), DEMO["train_examples"], DEMO["eval_examples"])
     out.mkdir(parents=True, exist_ok=True)
     for name, examples in splits.items():
