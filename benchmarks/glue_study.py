@@ -191,12 +191,10 @@ def run_one(spec: dict, run: Run, device: str = "cpu", summary: bool = True) -> 
 
     ``device`` is not part of the run's key: a run is the same run on CPU or GPU (fp32 either way;
     its ``config.json`` records where it ran)."""
-    from aroma_peft.methods import MethodOptions
+    from aroma_peft.methods import split_options
     from aroma_peft.train import TrainOptions, run as train
 
-    method_fields = {f.name for f in dataclasses.fields(MethodOptions)}
-    opts = dict(run.options)
-    method_values = {k: opts.pop(k) for k in list(opts) if k in method_fields}
+    opts, method_options = split_options(run.options)
     out = work_dir(spec, run)
     # A run cut short resumes from its checkpoint; a reproduction (summary=False) always trains from
     # step 0, since a finished run's folder keeps its last checkpoint and would "resume" at the end.
@@ -206,7 +204,7 @@ def run_one(spec: dict, run: Run, device: str = "cpu", summary: bool = True) -> 
     options = TrainOptions(task=run.task, model=model_path(spec["model"]), method=run.method,
                            data_dir=str((ROOT / spec["data_dir"] / run.task).resolve()), out=str(out),
                            seed=run.seed, progress=False, resume=resume, device=device,
-                           method_options=MethodOptions(**method_values), **opts)
+                           method_options=method_options, **opts)
     train(options)
     if not summary:
         return

@@ -146,8 +146,8 @@ def test_demo_study_spec_is_the_demos_settings():
     for arm, method in (("aroma-small-cpu", "aroma"), ("lora-r8-small-cpu", "lora")):
         assert spec["arms"][arm]["method"] == method
         options = common | spec["arms"][arm]["options"]
-        lr, expected = demo_settings(method)
-        assert options.pop("lr") == lr, arm
+        preset, expected = demo_settings(method)
+        assert options.pop("lr") == preset["lr"], arm
         for key in ("max_seq_len", "batch_size", "warmup_steps", "eval_steps"):
             options.pop(key)
         assert MethodOptions(**options) == expected, arm
@@ -159,12 +159,12 @@ def test_demo_settings_are_the_small_cpu_presets_own():
     from aroma_peft.demo import demo_settings
     from aroma_peft.presets import SMALL_CPU
 
-    lr, aroma = demo_settings("aroma")
+    run, aroma = demo_settings("aroma")
     preset = SMALL_CPU["mrpc"]["aroma"]
-    assert lr == preset["lr"] == 1e-3
+    assert run["lr"] == preset["lr"] == 1e-3
     assert (aroma.r, aroma.alpha, aroma.eps_in, aroma.eps_out, aroma.max_inner_steps, aroma.check_interval,
             aroma.restart_warmup_steps) == tuple(preset[k] for k in ("r", "alpha", "eps_in", "eps_out", "max_inner_steps",
                                                                       "check_interval", "restart_warmup_steps"))
     assert aroma.converged_component == "discard"  # the paper's reading: the preset leaves the default
-    lr, lora = demo_settings("lora")
-    assert (lr, lora.r, lora.alpha, lora.lr_decay, lora.min_lr_ratio) == (5e-4, 8, 16.0, "cosine", 0.1)
+    run, lora = demo_settings("lora")
+    assert (run["lr"], lora.r, lora.alpha, lora.lr_decay, lora.min_lr_ratio) == (5e-4, 8, 16.0, "cosine", 0.1)

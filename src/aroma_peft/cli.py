@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .methods import METHODS, MethodOptions
+from .methods import METHODS, MethodOptions, split_options
 
 TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "qnli", "rte", "mnli")
 
@@ -228,9 +228,7 @@ def train_options_from_args(args) -> "TrainOptions":
         values.pop("epochs", None)
     if "epochs" not in values and "max_steps" not in values:
         values["epochs"] = 3.0
-    method_fields = {f.name for f in dataclasses.fields(MethodOptions)}
-    method_values = {k: v for k, v in values.items() if k in method_fields}
-    run_values = {k: v for k, v in values.items() if k not in method_fields}
+    run_values, method_options = split_options(values)
     run_values |= {"family": family, "device": args.device,
                    "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no"}
     for name in ("train_file", "train_tasks", "eval_tasks", "eval_mode", "decoder_only"):
@@ -238,7 +236,7 @@ def train_options_from_args(args) -> "TrainOptions":
             run_values[name] = getattr(args, name)
     return TrainOptions(task=task, model=args.model, method=args.method, preset=args.preset,
                         data_dir=args.data_dir, out=args.out, progress=not args.no_progress, resume=args.resume,
-                        method_options=MethodOptions(**method_values), **run_values)
+                        method_options=method_options, **run_values)
 
 
 def _model_config(model: str):

@@ -13,7 +13,6 @@ at the majority class; the Privacy-Policy pairs are short (49 tokens on average)
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import random
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 from .jsonlines import json_lines
-from .methods import MethodOptions
+from .methods import MethodOptions, split_options
 from .tasks.glue import Example, get_task, parse_label
 from .train import TrainOptions, run
 
@@ -34,21 +33,14 @@ from .train import TrainOptions, run
 DEMO = dict(train_examples=4000, eval_examples=600, max_seq_len=64, batch_size=16, max_steps=300,
             warmup_steps=20, eval_steps=50)
 DEMO_PRESET = ("small-cpu", "mrpc")
-# The preset's budget fields, replaced by the demo's own.
-_BUDGET = ("max_seq_len", "batch_size", "max_steps", "warmup_steps", "eval_steps")
 
 
-def demo_settings(method: str) -> tuple[float, MethodOptions]:
-    """The learning rate and method options of ``method`` in the demo: the ``small-cpu`` preset's."""
+def demo_settings(method: str) -> tuple[dict, MethodOptions]:
+    """The ``small-cpu`` preset's options of ``method``: the run's (its learning rate and its budget,
+    which the demo replaces with its own) and the method's."""
     from .presets import resolve_preset
 
-    preset = resolve_preset(DEMO_PRESET[0], "glue", DEMO_PRESET[1], method)
-    fields = {f.name for f in dataclasses.fields(MethodOptions)}
-    unknown = set(preset) - fields - set(_BUDGET) - {"lr"}
-    if unknown:  # a preset field the demo would silently drop
-        raise ValueError(f"preset {DEMO_PRESET[0]} sets {', '.join(sorted(unknown))} for {method}, "
-                         "which the demo does not pass on")
-    return preset["lr"], MethodOptions(**{k: v for k, v in preset.items() if k in fields})
+    return split_options(resolve_preset(DEMO_PRESET[0], "glue", DEMO_PRESET[1], method))
 
 
 DEMO_METHODS = ("aroma", "lora")
@@ -138,14 +130,14 @@ def run_demo(out: Path, max_steps: int | None = None) -> str:
     splits = privacy_qa_splits(privacy_qa_file(), DEMO["train_examples"], DEMO["eval_examples"])
     model = str(minilm_path())
     steps = max_steps or DEMO["max_steps"]
+    budget = dict(batch_size=DEMO["batch_size"], max_seq_len=DEMO["max_seq_len"], max_steps=steps,
+                  warmup_steps=min(DEMO["warmup_steps"], steps - 1), eval_steps=min(DEMO["eval_steps"], steps))
     for method in DEMO_METHODS:
-        lr, mopts = demo_settings(method)
+        preset, mopts = demo_settings(method)
         print(f"== {method}: {len(splits['train'])} Privacy-Policy training examples, {steps} steps, "
               f"{len(splits['dev'])} dev examples")
-        opts = TrainOptions(task=DEMO_TASK, model=model, method=method, out=str(out / method), lr=lr,
-                            batch_size=DEMO["batch_size"], max_seq_len=DEMO["max_seq_len"], max_steps=steps,
-                            warmup_steps=min(DEMO["warmup_steps"], steps - 1), eval_steps=min(DEMO["eval_steps"], steps),
-                            method_options=mopts)
+        opts = TrainOptions(task=DEMO_TASK, model=model, method=method, out=str(out / method),
+                            method_options=mopts, **(preset | budget))
         run(opts, splits)
     table = compare_runs([out / m for m in DEMO_METHODS])
     wall = time.perf_counter() - started

@@ -102,6 +102,14 @@ class MethodRun:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
+def split_options(values: dict) -> tuple[dict, MethodOptions]:
+    """A flat dict of run options (a preset, a study's run) as the rest, for ``TrainOptions``, and
+    the method's own, as ``MethodOptions``."""
+    names = {f.name for f in dataclasses.fields(MethodOptions)}
+    return ({k: v for k, v in values.items() if k not in names},
+            MethodOptions(**{k: v for k, v in values.items() if k in names}))
+
+
 def default_target_modules(model: nn.Module) -> list[str]:
     """Every linear inside the numbered transformer blocks (``encoder.layer.3.attention.self.query``,
     ``model.layers.0.mlp.up_proj``, ``h.5.attn.c_attn``): the paper's W_q, W_k, W_v, W_o, W_f1, W_f2,
